@@ -1,0 +1,150 @@
+"""Python side of the ``coupled_mamba`` operators: fake kernels, autograd, public functions.
+
+The schemas and the CPU / CUDA kernels are registered in C++ (``csrc/``) when the compiled
+extension ``coupled_mamba_ext._C`` is imported. Argument checking lives there too, so that
+``torch.ops.coupled_mamba.*`` called directly gives the same clear errors as the functions
+below.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers the operators)
+
+# Forward keeps the coupled state only at the start of every chunk of this many steps;
+# backward recomputes the states inside a chunk. Must match kChunkLen in include/.
+CHUNK_LEN = _C.chunk_len()
+
+
+def _n_chunks(L: int) -> int:
+    return (L + CHUNK_LEN - 1) // CHUNK_LEN
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("coupled_mamba::scan")
+def _scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, initial_state):
+    M, batch, dim, L = u.shape
+    N = A.shape[-1]
+    acc = _compute_dtype(u.dtype)
+    y = u.new_empty((M, batch, dim, L))
+    final_state = u.new_empty((batch, dim, N), dtype=acc)
+    chunk_states = u.new_empty((batch, dim, _n_chunks(L), N), dtype=acc)
+    y_ungated = u.new_empty((M, batch, dim, L) if z is not None else (0,))
+    return y, final_state, chunk_states, y_ungated
+
+
+@torch.library.register_fake("coupled_mamba::scan_backward")
+def _scan_backward_fake(dy, dfinal_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                        coupling, initial_state, chunk_states, y_ungated):
+    def like(x):
+        return torch.empty_like(x, memory_format=torch.contiguous_format) if x is not None \
+            else u.new_empty((0,), dtype=A.dtype)
+    batch, dim, N = u.shape[1], u.shape[2], A.shape[-1]
+    d_initial = u.new_empty((batch, dim, N), dtype=A.dtype) if initial_state is not None \
+        else u.new_empty((0,), dtype=A.dtype)
+    return (like(u), like(delta), like(A), like(B), like(C), like(D), like(z),
+            like(delta_bias), like(coupling), d_initial)
+
+
+@torch.library.register_fake("coupled_mamba::state_update")
+def _state_update_fake(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling):
+    return u.new_empty(u.shape), torch.empty_like(state, memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------- autograd
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, initial_state = inputs
+    _, _, chunk_states, y_ungated = output
+    ctx.delta_softplus = delta_softplus
+    ctx.has = [x is not None for x in (D, z, delta_bias, initial_state)]
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, coupling, initial_state,
+                          chunk_states, y_ungated)
+
+
+def _scan_backward(ctx, dy, dfinal_state, _d_chunk_states, _d_y_ungated):
+    (u, delta, A, B, C, D, z, delta_bias, coupling, initial_state,
+     chunk_states, y_ungated) = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(u)
+    grads = torch.ops.coupled_mamba.scan_backward(
+        dy, dfinal_state, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, coupling,
+        initial_state, chunk_states, y_ungated)
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dcoupling, dinitial = grads
+    has_D, has_z, has_bias, has_init = ctx.has
+    return (du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None,
+            ddelta_bias if has_bias else None, None, dcoupling,
+            dinitial if has_init else None)
+
+
+torch.library.register_autograd("coupled_mamba::scan", _scan_backward,
+                                setup_context=_scan_setup_context)
+
+
+# ---------------------------------------------------------------------------- public API
+def _default_coupling(coupling: Optional[Tensor], u: Tensor) -> Tensor:
+    if coupling is not None:
+        return coupling
+    M = u.shape[0]
+    return torch.full((M,), 1.0 / M, dtype=_compute_dtype(u.dtype), device=u.device)
+
+
+def coupled_selective_scan(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+    coupling: Optional[Tensor] = None, initial_state: Optional[Tensor] = None,
+    return_final_state: bool = False,
+):
+    """Coupled selective scan over M modalities (SPEC §1), differentiable in every tensor.
+
+    Args:
+        u, delta: (M, batch, dim, L) inputs and time steps; fp32, fp16 or bf16 (fp64 on CPU).
+        A: (M, dim, N) state matrix (diagonal, negative in practice), fp32.
+        B, C: (M, batch, N, L) input and output projections, u's dtype.
+        D: (M, dim) skip connection, fp32. z: (M, batch, dim, L) gate, u's dtype.
+        delta_bias: (M, dim), fp32, added to delta; delta_softplus applies softplus after.
+        coupling: (M,) weights w of the coupled state G[t] = sum_m w[m] h[m, t], fp32;
+            default 1/M (stable). Ones reproduce the paper's plain sum (grows like M^t).
+        initial_state: (batch, dim, N) coupled state G[0], fp32; default zeros.
+        return_final_state: also return G[L] (batch, dim, N), fp32.
+
+    Returns:
+        y (M, batch, dim, L) in u's dtype; with ``return_final_state``, ``(y, final_state)``.
+    Parameters given in float64 need float64 inputs (for gradcheck); otherwise float32.
+    """
+    coupling = _default_coupling(coupling, u)
+    y, final_state, _, _ = torch.ops.coupled_mamba.scan(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, initial_state)
+    return (y, final_state) if return_final_state else y
+
+
+def coupled_selective_state_update(
+    state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+    coupling: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Advance the coupled state by one time step (streaming inference).
+
+    state: (batch, dim, N) fp32; u, delta, z: (M, batch, dim); B, C: (M, batch, N); A, D,
+    delta_bias, coupling as in :func:`coupled_selective_scan`. Returns ``(y, new_state)``:
+    y (M, batch, dim) in u's dtype, new_state (batch, dim, N) fp32. ``state`` is not modified.
+    Chained over t it equals the full scan. Not differentiable.
+    """
+    coupling = _default_coupling(coupling, u)
+    return torch.ops.coupled_mamba.state_update(
+        state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling)
+
+
+def build_info() -> dict:
+    """What the compiled extension contains: version, torch it was built against, whether
+    CUDA kernels are compiled in, and for which architectures."""
+    from . import __version__
+    info = dict(_C.build_info())
+    info["version"] = __version__
+    return info

@@ -1,0 +1,271 @@
+// Operator schemas, argument checks and the Python module of the extension.
+#include "coupled_scan.h"
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <torch/extension.h>
+
+namespace coupled_mamba {
+namespace {
+
+std::string shape_str(at::IntArrayRef shape) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << (shape.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+// Checks one tensor argument against the shape, dtype and device it must have. Every
+// message names the operator, the argument, what was expected and what was received.
+struct ArgChecker {
+  const char* op;
+  at::Device device;
+
+  void operator()(const Tensor& t, const char* name, const std::vector<int64_t>& shape,
+                  const char* layout, at::ScalarType dtype, const char* dtype_why) const {
+    TORCH_CHECK(t.dim() == static_cast<int64_t>(shape.size()), op, ": argument '", name,
+                "' expected ", shape.size(), " dims ", layout, ", got ", t.dim(),
+                " dims with shape ", shape_str(t.sizes()));
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), op, ": argument '", name,
+                "' expected shape ", shape_str(shape), " ", layout, ", got ",
+                shape_str(t.sizes()));
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": argument '", name, "' expected dtype ",
+                dtype, " (", dtype_why, "), got ", t.scalar_type());
+    TORCH_CHECK(t.device() == device, op, ": argument '", name, "' expected device ", device,
+                " (the device of u), got ", t.device());
+  }
+};
+
+at::ScalarType accumulation_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+TensorArg arg(const Tensor& t) {
+  TensorArg a;
+  a.data = t.data_ptr();
+  for (int64_t i = 0; i < t.dim(); ++i) a.stride[i] = t.stride(i);
+  return a;
+}
+
+TensorArg arg(const OptTensor& t) { return t.has_value() ? arg(*t) : TensorArg{}; }
+
+}  // namespace
+
+ScanFwdCall prepare_scan_forward(const Tensor& u, const Tensor& delta, const Tensor& A,
+                                 const Tensor& B, const Tensor& C, const OptTensor& D,
+                                 const OptTensor& z, const OptTensor& delta_bias,
+                                 bool delta_softplus, const Tensor& coupling,
+                                 const OptTensor& initial_state, const char* op) {
+  TORCH_CHECK(u.dim() == 4, op, ": argument 'u' expected 4 dims (M, batch, dim, L), got ",
+              u.dim(), " dims with shape ", shape_str(u.sizes()));
+  const auto dtype = u.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
+                  dtype == at::kDouble,
+              op, ": argument 'u' expected dtype float32, float16, bfloat16 or float64, got ",
+              dtype);
+  const auto acc = accumulation_dtype(dtype);
+  const char* acc_why = acc == at::kDouble ? "float64 with float64 inputs" : "always float32";
+  const int64_t M = u.size(0), batch = u.size(1), dim = u.size(2), L = u.size(3);
+  TORCH_CHECK(M >= 1 && M <= kMaxModalities, op, ": argument 'u' expected 1 to ",
+              kMaxModalities, " modalities along dim 0, got ", M);
+  ArgChecker check{op, u.device()};
+  check(delta, "delta", {M, batch, dim, L}, "(M, batch, dim, L), same as u", dtype, "same as u");
+  TORCH_CHECK(A.dim() == 3, op, ": argument 'A' expected 3 dims (M, dim, N), got ", A.dim(),
+              " dims with shape ", shape_str(A.sizes()));
+  const int64_t N = A.size(2);
+  TORCH_CHECK(N >= 1 && N <= kMaxDState, op, ": argument 'A' expected a state size N from 1 to ",
+              kMaxDState, " (last dim), got ", N);
+  check(A, "A", {M, dim, N}, "(M, dim, N)", acc, acc_why);
+  check(B, "B", {M, batch, N, L}, "(M, batch, N, L)", dtype, "same as u");
+  check(C, "C", {M, batch, N, L}, "(M, batch, N, L)", dtype, "same as u");
+  if (D) check(*D, "D", {M, dim}, "(M, dim)", acc, acc_why);
+  if (z) check(*z, "z", {M, batch, dim, L}, "(M, batch, dim, L), same as u", dtype, "same as u");
+  if (delta_bias) check(*delta_bias, "delta_bias", {M, dim}, "(M, dim)", acc, acc_why);
+  check(coupling, "coupling", {M}, "(M,)", acc, acc_why);
+  if (initial_state)
+    check(*initial_state, "initial_state", {batch, dim, N}, "(batch, dim, N)", acc, acc_why);
+
+  ScanFwdCall call;
+  const int64_t n_chunks = (L + kChunkLen - 1) / kChunkLen;
+  call.y = at::empty({M, batch, dim, L}, u.options());
+  call.y_ungated = z ? at::empty({M, batch, dim, L}, u.options()) : at::empty({0}, u.options());
+  call.chunk_states = at::empty({batch, dim, n_chunks, N}, u.options().dtype(acc));
+  call.final_state = at::empty({batch, dim, N}, u.options().dtype(acc));
+
+  ScanFwdParams& p = call.params;
+  p.shape = {M, batch, dim, L, N, n_chunks};
+  p.delta_softplus = delta_softplus;
+  p.u = arg(u);
+  p.delta = arg(delta);
+  p.z = arg(z);
+  p.B = arg(B);
+  p.C = arg(C);
+  p.A = arg(A);
+  p.D = arg(D);
+  p.delta_bias = arg(delta_bias);
+  p.coupling = arg(coupling);
+  p.initial_state = arg(initial_state);
+  p.y = call.y.data_ptr();
+  p.y_ungated = z ? call.y_ungated.data_ptr() : nullptr;
+  p.chunk_states = call.chunk_states.data_ptr();
+  p.final_state = call.final_state.data_ptr();
+  return call;
+}
+
+ScanBwdCall prepare_scan_backward(const Tensor& dy, const OptTensor& dfinal_state,
+                                  const Tensor& u, const Tensor& delta, const Tensor& A,
+                                  const Tensor& B, const Tensor& C, const OptTensor& D,
+                                  const OptTensor& z, const OptTensor& delta_bias,
+                                  bool delta_softplus, const Tensor& coupling,
+                                  const OptTensor& initial_state, const Tensor& chunk_states,
+                                  const Tensor& y_ungated) {
+  const char* op = "coupled_selective_scan backward";
+  // The forward arguments were checked when the forward ran; re-check them here because
+  // the backward op is public too, then the tensors that only backward takes.
+  ScanFwdCall fwd = prepare_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                         coupling, initial_state, op);
+  const ScanShape s = fwd.params.shape;
+  const auto dtype = u.scalar_type();
+  const auto acc = accumulation_dtype(dtype);
+  ArgChecker check{op, u.device()};
+  check(dy, "dy", {s.n_modalities, s.batch, s.dim, s.seqlen}, "(M, batch, dim, L)", dtype,
+        "same as u");
+  if (dfinal_state)
+    check(*dfinal_state, "dfinal_state", {s.batch, s.dim, s.dstate}, "(batch, dim, N)", acc,
+          "accumulation dtype");
+  check(chunk_states, "chunk_states", {s.batch, s.dim, s.n_chunks, s.dstate},
+        "(batch, dim, n_chunks, N), from forward", acc, "accumulation dtype");
+  if (z)
+    check(y_ungated, "y_ungated", {s.n_modalities, s.batch, s.dim, s.seqlen},
+          "(M, batch, dim, L), from forward", dtype, "same as u");
+
+  ScanBwdCall call;
+  const auto acc_opts = u.options().dtype(acc);
+  const auto empty = at::empty({0}, acc_opts);
+  call.du = at::empty(u.sizes(), u.options());
+  call.ddelta = at::empty(u.sizes(), u.options());
+  call.dz = z ? at::empty(u.sizes(), u.options()) : empty;
+  call.dA = at::zeros(A.sizes(), acc_opts);
+  call.dB = at::zeros(B.sizes(), acc_opts);
+  call.dC = at::zeros(C.sizes(), acc_opts);
+  call.dD = D ? at::zeros({s.n_modalities, s.dim}, acc_opts) : empty;
+  call.ddelta_bias = delta_bias ? at::zeros({s.n_modalities, s.dim}, acc_opts) : empty;
+  call.dcoupling = at::zeros({s.n_modalities}, acc_opts);
+  call.dinitial_state = at::empty({s.batch, s.dim, s.dstate}, acc_opts);
+  call.has_initial_state = initial_state.has_value();
+
+  ScanBwdParams& p = call.params;
+  const ScanFwdParams& f = fwd.params;
+  p.shape = s;
+  p.delta_softplus = delta_softplus;
+  p.u = f.u;
+  p.delta = f.delta;
+  p.z = f.z;
+  p.B = f.B;
+  p.C = f.C;
+  p.A = f.A;
+  p.D = f.D;
+  p.delta_bias = f.delta_bias;
+  p.coupling = f.coupling;
+  p.dy = arg(dy);
+  p.dfinal_state = arg(dfinal_state);
+  p.chunk_states = arg(chunk_states);
+  p.y_ungated = z ? arg(y_ungated) : TensorArg{};
+  p.du = call.du.data_ptr();
+  p.ddelta = call.ddelta.data_ptr();
+  p.dz = z ? call.dz.data_ptr() : nullptr;
+  p.dA = call.dA.data_ptr();
+  p.dB = call.dB.data_ptr();
+  p.dC = call.dC.data_ptr();
+  p.dD = D ? call.dD.data_ptr() : nullptr;
+  p.ddelta_bias = delta_bias ? call.ddelta_bias.data_ptr() : nullptr;
+  p.dcoupling = call.dcoupling.data_ptr();
+  p.dinitial_state = call.dinitial_state.data_ptr();
+  return call;
+}
+
+ScanBwdOutputs ScanBwdCall::finish() const {
+  const auto input_dtype = du.scalar_type();
+  const Tensor dinit = has_initial_state ? dinitial_state : at::empty({0}, dA.options());
+  return {du, ddelta, dA, dB.to(input_dtype), dC.to(input_dtype), dD, dz, ddelta_bias,
+          dcoupling, dinit};
+}
+
+std::tuple<Tensor, Tensor> state_update_via_scan(
+    LaunchForwardFn launch_forward, const Tensor& state, const Tensor& u, const Tensor& delta,
+    const Tensor& A, const Tensor& B, const Tensor& C, const OptTensor& D, const OptTensor& z,
+    const OptTensor& delta_bias, bool delta_softplus, const Tensor& coupling) {
+  const char* op = "coupled_selective_state_update";
+  TORCH_CHECK(u.dim() == 3, op, ": argument 'u' expected 3 dims (M, batch, dim), got ", u.dim(),
+              " dims with shape ", shape_str(u.sizes()));
+  TORCH_CHECK(B.dim() == 3, op, ": argument 'B' expected 3 dims (M, batch, N), got ", B.dim(),
+              " dims with shape ", shape_str(B.sizes()));
+  TORCH_CHECK(C.dim() == 3, op, ": argument 'C' expected 3 dims (M, batch, N), got ", C.dim(),
+              " dims with shape ", shape_str(C.sizes()));
+  const auto one_step = [](const Tensor& t) { return t.unsqueeze(-1); };
+  const OptTensor z_step = z ? OptTensor(one_step(*z)) : std::nullopt;
+  ScanFwdCall call =
+      prepare_scan_forward(one_step(u), one_step(delta), A, one_step(B), one_step(C), D, z_step,
+                           delta_bias, delta_softplus, coupling, state, op);
+  launch_forward(call);
+  return {call.y.squeeze(-1), call.final_state};
+}
+
+TORCH_LIBRARY(coupled_mamba, m) {
+  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
+  m.def(
+      "scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+      "Tensor? delta_bias, bool delta_softplus, Tensor coupling, Tensor? initial_state) "
+      "-> (Tensor y, Tensor final_state, Tensor chunk_states, Tensor y_ungated)",
+      tags);
+  m.def(
+      "scan_backward(Tensor dy, Tensor? dfinal_state, Tensor u, Tensor delta, Tensor A, "
+      "Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, "
+      "Tensor coupling, Tensor? initial_state, Tensor chunk_states, Tensor y_ungated) "
+      "-> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, "
+      "Tensor ddelta_bias, Tensor dcoupling, Tensor dinitial_state)",
+      tags);
+  m.def(
+      "state_update(Tensor state, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
+      "Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor coupling) "
+      "-> (Tensor y, Tensor new_state)",
+      tags);
+}
+
+}  // namespace coupled_mamba
+
+#ifndef COUPLED_MAMBA_TORCH_VERSION
+#define COUPLED_MAMBA_TORCH_VERSION "unknown"
+#endif
+#ifndef COUPLED_MAMBA_CUDA_ARCHS
+#define COUPLED_MAMBA_CUDA_ARCHS ""
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("chunk_len", [] { return coupled_mamba::kChunkLen; },
+        "Time steps between the coupled states that forward saves for backward.");
+  m.def(
+      "build_info",
+      [] {
+        pybind11::dict info;
+        info["torch"] = COUPLED_MAMBA_TORCH_VERSION;
+#ifdef COUPLED_MAMBA_WITH_CUDA
+        info["cuda"] = true;
+#else
+        info["cuda"] = false;
+#endif
+        std::vector<std::string> archs;
+        std::string list = COUPLED_MAMBA_CUDA_ARCHS;
+        std::stringstream stream(list);
+        for (std::string item; std::getline(stream, item, ';');)
+          if (!item.empty()) archs.push_back(item);
+        info["cuda_archs"] = archs;
+        info["max_dstate"] = coupled_mamba::kMaxDState;
+        info["max_modalities"] = coupled_mamba::kMaxModalities;
+        return info;
+      },
+      "What this build of the extension contains.");
+}
