@@ -49,12 +49,16 @@ def sources(*patterns):
 def extension():
     with_cuda = want_cuda()
     defines = ['-DCOUPLED_MAMBA_TORCH_VERSION="%s"' % torch.__version__]
-    cxx = ["-O3", "-fopenmp-simd"]  # torch adds the C++ standard it needs
+    # torch adds the C++ standard it needs. -fopenmp: at::parallel_for is inline OpenMP code
+    # in torch's headers, serial without it. -fno-trapping-math lets gcc turn the clamps of
+    # the CPU kernels' exp into min/max instructions and vectorise the loop over states.
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    link = ["-fopenmp"]
     includes = [os.path.join(ROOT, "include")]
     if not with_cuda:
         return CppExtension(
             "coupled_mamba_ext._C", sources("*.cpp", "cpu/*.cpp"), include_dirs=includes,
-            extra_compile_args={"cxx": cxx + defines}), None
+            extra_compile_args={"cxx": cxx + defines}, extra_link_args=link), None
     archs = cuda_archs()
     defines += ["-DCOUPLED_MAMBA_WITH_CUDA", '-DCOUPLED_MAMBA_CUDA_ARCHS="%s"' % archs]
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
@@ -62,7 +66,8 @@ def extension():
         "coupled_mamba_ext._C",
         sources("*.cpp", "cpu/*.cpp", "cuda/*.cpp", "cuda/*.cu"),
         include_dirs=includes,
-        extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines})
+        extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},
+        extra_link_args=link)
     return ext, archs
 
 

@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -20,18 +19,27 @@
 namespace coupled_mamba {
 namespace {
 
+// On x86-64 with gcc the loops over states are compiled twice, for AVX2+FMA CPUs and for
+// the baseline, and the loader picks one (ifunc): one build runs at full width where it can.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CM_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define CM_VECTOR_CLONES
+#endif
+
 // Channels one parallel task handles. They share a batch index, hence the B and C tiles.
 constexpr int64_t kRowsPerTask = 16;
 
 // exp for float that the compiler vectorises (glibc's expf is a call it cannot). Range
 // reduction to 2^k · e^r with |r| <= ln2/2, then Cephes' degree-6 polynomial for e^r
-// (relative error about 2e-7). NaN propagates; below -87 it returns ~1e-38 rather than a
-// denormal, which is far below fp32's resolution of the sums it enters.
+// (relative error about 2e-7). The input is clamped to [-87, 88]: below, it returns ~1e-38
+// instead of a denormal or 0, far below fp32's resolution of the sums it enters; above, it
+// saturates at ~1.7e38. NaN propagates (std::max / std::min keep a NaN first argument).
 inline float exp_vec(float x) {
-  const float in = x;
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  x = std::max(x, -87.0f);
+  x = std::min(x, 88.0f);
+  // Round to nearest by adding and subtracting 1.5·2^23 (vectorises; floorf does not).
+  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -41,9 +49,7 @@ inline float exp_vec(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return in != in ? in : p * scale;
+  return p * __builtin_bit_cast(float, bits);
 }
 inline double exp_vec(double x) { return std::exp(x); }
 
@@ -106,29 +112,72 @@ struct TaskInputs {
   const acc_t* C_at(int64_t m, int64_t dt) const { return &C_tile[(m * kChunkLen + dt) * s.dstate]; }
 };
 
+// The loop over the state index n for one modality at one step: h = a·G_prev + drive·B,
+// G_next += w·h; returns Σ_n C·h. Out of line with restrict pointers, so that the
+// compiler vectorises it in every instantiation.
+template <typename acc_t>
+CM_VECTOR_CLONES acc_t modality_step(int64_t N, acc_t step, acc_t drive, acc_t w,
+                                              const acc_t* __restrict A, const acc_t* __restrict B,
+                                              const acc_t* __restrict C,
+                                              const acc_t* __restrict G_prev,
+                                              acc_t* __restrict G_next) {
+  acc_t y = 0;
+#pragma omp simd reduction(+ : y)
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t h = modality_state(exp_vec(step * A[n]), G_prev[n], drive, B[n]);
+    y += C[n] * h;
+    G_next[n] += w * h;
+  }
+  return y;
+}
+
+template <typename acc_t>
+struct StepGradSums {
+  acc_t d_step, d_u, d_w;  // Σ over n of the modality-state gradients (see modality_step_backward)
+};
+
+// Backward of modality_step for one modality at one step. Given dyhat = dℓ/dŷ and lambda =
+// dℓ/dG at this step, forms mu = dℓ/dh = dyhat·C + w·lambda per state and accumulates the
+// per-state gradients (dA, dB, dC, and dℓ/dG_prev into lambda_prev); returns the sums over
+// n of dℓ/dΔ, dℓ/du and dℓ/dw.
+template <typename acc_t>
+CM_VECTOR_CLONES StepGradSums<acc_t> modality_step_backward(
+    int64_t N, acc_t step, acc_t u, acc_t w, acc_t dyhat, const acc_t* __restrict A,
+    const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict G_prev,
+    const acc_t* __restrict lambda, acc_t* __restrict dA, acc_t* __restrict dB,
+    acc_t* __restrict dC, acc_t* __restrict lambda_prev) {
+  const acc_t drive = step * u;
+  acc_t d_step = 0, d_u = 0, d_w = 0;
+#pragma omp simd reduction(+ : d_step, d_u, d_w)
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t decay = exp_vec(step * A[n]);
+    const acc_t h = modality_state(decay, G_prev[n], drive, B[n]);
+    const acc_t mu = dyhat * C[n] + w * lambda[n];
+    const ModalityStateGrad<acc_t> g = modality_state_grad(mu, decay, G_prev[n], step, A[n], B[n], u);
+    d_step += g.d_step;
+    d_u += g.d_u;
+    d_w += lambda[n] * h;
+    dA[n] += g.d_A;
+    dB[n] += g.d_B;
+    dC[n] += dyhat * h;
+    lambda_prev[n] += g.d_coupled_prev;
+  }
+  return {d_step, d_u, d_w};
+}
+
 // One time step of one channel: from the coupled state G_prev to G_next = Σ_m w_m h_m.
 // When yhat is given, also yhat[m] = Σ_n C·h_m + D·u (the output before the gate).
 template <typename input_t, typename acc_t, typename P>
 inline void advance_row(const P& p, const TaskInputs<input_t, acc_t>& in, int64_t r, int64_t t,
-                        int64_t t0, const acc_t* __restrict G_prev, acc_t* __restrict G_next,
-                        acc_t* yhat) {
+                        int64_t t0, const acc_t* G_prev, acc_t* G_next, acc_t* yhat) {
   const int64_t M = in.s.n_modalities, N = in.s.dstate, e = in.e0 + r;
   std::fill(G_next, G_next + N, acc_t(0));
   for (int64_t m = 0; m < M; ++m) {
     const acc_t raw = static_cast<acc_t>(at4<input_t>(p.delta, m, in.b, e, t));
     const acc_t step = step_size(raw, in.bias[r * M + m], p.delta_softplus);
     const acc_t u = static_cast<acc_t>(at4<input_t>(p.u, m, in.b, e, t));
-    const acc_t drive = step * u, w = in.w[m];
-    const acc_t* __restrict A = in.A_row(r, m);
-    const acc_t* __restrict B = in.B_at(m, t - t0);
-    const acc_t* __restrict C = in.C_at(m, t - t0);
-    acc_t y = 0;
-#pragma omp simd reduction(+ : y)
-    for (int64_t n = 0; n < N; ++n) {
-      const acc_t h = modality_state(exp_vec(step * A[n]), G_prev[n], drive, B[n]);
-      y += C[n] * h;
-      G_next[n] += w * h;
-    }
+    const acc_t y = modality_step(N, step, step * u, in.w[m], in.A_row(r, m), in.B_at(m, t - t0),
+                                  in.C_at(m, t - t0), G_prev, G_next);
     if (yhat) yhat[m] = y + in.D[r * M + m] * u;
   }
 }
@@ -255,33 +304,15 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
                                       static_cast<acc_t>(at4<input_t>(p.z, m, b, e, t)), &dz);
                 dz_out[i] = static_cast<input_t>(dz);
               }
-              const acc_t drive = step * u, w = in.w[m];
-              const acc_t* __restrict A = in.A_row(r, m);
-              const acc_t* __restrict B = in.B_at(m, t - t0);
-              const acc_t* __restrict C = in.C_at(m, t - t0);
-              acc_t* __restrict dA_m = &dA[(r * M + m) * N];
-              acc_t* __restrict dB_t = &dB_tile[(m * kChunkLen + (t - t0)) * N];
-              acc_t* __restrict dC_t = &dC_tile[(m * kChunkLen + (t - t0)) * N];
-              acc_t d_step = 0, d_u = 0, d_w = 0;
-#pragma omp simd reduction(+ : d_step, d_u, d_w)
-              for (int64_t n = 0; n < N; ++n) {
-                const acc_t decay = exp_vec(step * A[n]);
-                const acc_t h = modality_state(decay, G_prev[n], drive, B[n]);
-                const acc_t mu = dyhat * C[n] + w * lam[n];  // dℓ/dh
-                const ModalityStateGrad<acc_t> g =
-                    modality_state_grad(mu, decay, G_prev[n], step, A[n], B[n], u);
-                d_step += g.d_step;
-                d_u += g.d_u;
-                d_w += lam[n] * h;
-                dA_m[n] += g.d_A;
-                dB_t[n] += g.d_B;
-                dC_t[n] += dyhat * h;
-                lambda_prev[n] += g.d_coupled_prev;
-              }
-              dw[m] += d_w;
+              const StepGradSums<acc_t> sums = modality_step_backward(
+                  N, step, u, in.w[m], dyhat, in.A_row(r, m), in.B_at(m, t - t0),
+                  in.C_at(m, t - t0), G_prev, lam, &dA[(r * M + m) * N],
+                  &dB_tile[(m * kChunkLen + (t - t0)) * N], &dC_tile[(m * kChunkLen + (t - t0)) * N],
+                  lambda_prev.data());
+              dw[m] += sums.d_w;
               dD[r * M + m] += dyhat * u;
-              du_out[i] = static_cast<input_t>(d_u + dyhat * in.D[r * M + m]);
-              const acc_t d_raw = step_size_grad(d_step, raw, bias, p.delta_softplus);
+              du_out[i] = static_cast<input_t>(sums.d_u + dyhat * in.D[r * M + m]);
+              const acc_t d_raw = step_size_grad(sums.d_step, raw, bias, p.delta_softplus);
               ddelta_out[i] = static_cast<input_t>(d_raw);
               dbias[r * M + m] += d_raw;
             }
