@@ -180,6 +180,7 @@ ScanBwdCall prepare_scan_backward(const Tensor& dy, const OptTensor& dfinal_stat
   p.dA = call.dA.data_ptr();
   p.dB = call.dB.data_ptr();
   p.dC = call.dC.data_ptr();
+  for (int i = 0; i < 4; ++i) p.dBC_stride[i] = call.dB.stride(i);
   p.dD = D ? call.dD.data_ptr() : nullptr;
   p.ddelta_bias = delta_bias ? call.ddelta_bias.data_ptr() : nullptr;
   p.dcoupling = call.dcoupling.data_ptr();
@@ -190,8 +191,9 @@ ScanBwdCall prepare_scan_backward(const Tensor& dy, const OptTensor& dfinal_stat
 ScanBwdOutputs ScanBwdCall::finish() const {
   const auto input_dtype = du.scalar_type();
   const Tensor dinit = has_initial_state ? dinitial_state : at::empty({0}, dA.options());
-  return {du, ddelta, dA, dB.to(input_dtype), dC.to(input_dtype), dD, dz, ddelta_bias,
-          dcoupling, dinit};
+  // Contiguous like the fake kernel says (the CUDA backend accumulates them transposed).
+  return {du, ddelta, dA, dB.contiguous().to(input_dtype), dC.contiguous().to(input_dtype),
+          dD, dz, ddelta_bias, dcoupling, dinit};
 }
 
 std::tuple<Tensor, Tensor> state_update_via_scan(

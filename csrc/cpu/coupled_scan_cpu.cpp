@@ -324,7 +324,8 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
           for (int64_t n = 0; n < N; ++n)
             for (int64_t t = t0; t < t1; ++t) {
               const int64_t tile = (m * kChunkLen + (t - t0)) * N + n;
-              const int64_t out = ((m * s.batch + b) * N + n) * L + t;
+              const int64_t out = m * p.dBC_stride[0] + b * p.dBC_stride[1] +
+                                  n * p.dBC_stride[2] + t * p.dBC_stride[3];
               dB_out[out] += dB_tile[tile];
               dC_out[out] += dC_tile[tile];
             }

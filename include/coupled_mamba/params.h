@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 
+#include "coupled_mamba/macros.h"
+
 namespace coupled_mamba {
 
 // Forward keeps the coupled state only at the start of every chunk of kChunkLen steps;
@@ -14,13 +16,17 @@ constexpr int kMaxDState = 256;
 // Largest supported number of modalities M.
 constexpr int kMaxModalities = 16;
 
+// The dtype of u, delta, z, B, C (and of y, du, ddelta, dz) for the CUDA launchers, which
+// take no torch types.
+enum class InputDtype { kFloat32, kFloat16, kBFloat16 };
+
 // A read-only tensor argument: its data and element strides (64-bit, any layout).
 // data == nullptr when an optional argument is absent. Dimension order is the one the
 // field's comment gives.
 struct TensorArg {
   const void* data = nullptr;
   int64_t stride[4] = {0, 0, 0, 0};
-  bool present() const { return data != nullptr; }
+  CM_HOST_DEVICE bool present() const { return data != nullptr; }
 };
 
 struct ScanShape {
@@ -62,8 +68,9 @@ struct ScanBwdParams {
   void* ddelta;
   void* dz;
   void* dA;              // (M, dim, N)
-  void* dB;              // (M, batch, N, L)
-  void* dC;              // (M, batch, N, L)
+  void* dB;              // (M, batch, N, L), element strides in dBC_stride
+  void* dC;              // (M, batch, N, L), same layout as dB
+  int64_t dBC_stride[4];
   void* dD;              // (M, dim), only when D is present
   void* ddelta_bias;     // (M, dim), only when delta_bias is present
   void* dcoupling;       // (M,)

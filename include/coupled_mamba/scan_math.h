@@ -4,11 +4,7 @@
 #pragma once
 #include <cmath>
 
-#ifdef __CUDACC__
-#define CM_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define CM_HOST_DEVICE inline
-#endif
+#include "coupled_mamba/macros.h"
 
 namespace coupled_mamba {
 
