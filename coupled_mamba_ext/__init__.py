@@ -3,5 +3,7 @@
 __version__ = "0.1.0"
 
 from .ops import build_info, coupled_selective_scan, coupled_selective_state_update  # noqa: E402
+from .models import CoupledMamba, CoupledMambaLayer  # noqa: E402
 
-__all__ = ["build_info", "coupled_selective_scan", "coupled_selective_state_update"]
+__all__ = ["build_info", "coupled_selective_scan", "coupled_selective_state_update",
+           "CoupledMamba", "CoupledMambaLayer"]
