@@ -52,13 +52,12 @@ TensorArg arg(const Tensor& t) {
 
 TensorArg arg(const OptTensor& t) { return t.has_value() ? arg(*t) : TensorArg{}; }
 
-}  // namespace
-
-ScanFwdCall prepare_scan_forward(const Tensor& u, const Tensor& delta, const Tensor& A,
-                                 const Tensor& B, const Tensor& C, const OptTensor& D,
-                                 const OptTensor& z, const OptTensor& delta_bias,
-                                 bool delta_softplus, const Tensor& coupling,
-                                 const OptTensor& initial_state, const char* op) {
+// Checks every forward argument (SPEC §4) and returns the problem's shape.
+ScanShape check_scan_arguments(const Tensor& u, const Tensor& delta, const Tensor& A,
+                               const Tensor& B, const Tensor& C, const OptTensor& D,
+                               const OptTensor& z, const OptTensor& delta_bias,
+                               const Tensor& coupling, const OptTensor& initial_state,
+                               const char* op) {
   TORCH_CHECK(u.dim() == 4, op, ": argument 'u' expected 4 dims (M, batch, dim, L), got ",
               u.dim(), " dims with shape ", shape_str(u.sizes()));
   const auto dtype = u.scalar_type();
@@ -88,15 +87,16 @@ ScanFwdCall prepare_scan_forward(const Tensor& u, const Tensor& delta, const Ten
   if (initial_state)
     check(*initial_state, "initial_state", {batch, dim, N}, "(batch, dim, N)", acc, acc_why);
 
-  ScanFwdCall call;
-  const int64_t n_chunks = (L + kChunkLen - 1) / kChunkLen;
-  call.y = at::empty({M, batch, dim, L}, u.options());
-  call.y_ungated = z ? at::empty({M, batch, dim, L}, u.options()) : at::empty({0}, u.options());
-  call.chunk_states = at::empty({batch, dim, n_chunks, N}, u.options().dtype(acc));
-  call.final_state = at::empty({batch, dim, N}, u.options().dtype(acc));
+  return {M, batch, dim, L, N, (L + kChunkLen - 1) / kChunkLen};
+}
 
-  ScanFwdParams& p = call.params;
-  p.shape = {M, batch, dim, L, N, n_chunks};
+// The read-only arguments that forward and backward share.
+template <typename Params>
+void fill_scan_inputs(Params& p, const ScanShape& shape, bool delta_softplus, const Tensor& u,
+                      const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
+                      const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias,
+                      const Tensor& coupling) {
+  p.shape = shape;
   p.delta_softplus = delta_softplus;
   p.u = arg(u);
   p.delta = arg(delta);
@@ -107,6 +107,27 @@ ScanFwdCall prepare_scan_forward(const Tensor& u, const Tensor& delta, const Ten
   p.D = arg(D);
   p.delta_bias = arg(delta_bias);
   p.coupling = arg(coupling);
+}
+
+}  // namespace
+
+ScanFwdCall prepare_scan_forward(const Tensor& u, const Tensor& delta, const Tensor& A,
+                                 const Tensor& B, const Tensor& C, const OptTensor& D,
+                                 const OptTensor& z, const OptTensor& delta_bias,
+                                 bool delta_softplus, const Tensor& coupling,
+                                 const OptTensor& initial_state, const char* op) {
+  const ScanShape shape = check_scan_arguments(u, delta, A, B, C, D, z, delta_bias, coupling,
+                                               initial_state, op);
+  const int64_t M = shape.n_modalities, batch = shape.batch, dim = shape.dim, L = shape.seqlen;
+  const auto acc = accumulation_dtype(u.scalar_type());
+  ScanFwdCall call;
+  call.y = at::empty({M, batch, dim, L}, u.options());
+  call.y_ungated = z ? at::empty({M, batch, dim, L}, u.options()) : at::empty({0}, u.options());
+  call.chunk_states = at::empty({batch, dim, shape.n_chunks, shape.dstate}, u.options().dtype(acc));
+  call.final_state = at::empty({batch, dim, shape.dstate}, u.options().dtype(acc));
+
+  ScanFwdParams& p = call.params;
+  fill_scan_inputs(p, shape, delta_softplus, u, delta, A, B, C, D, z, delta_bias, coupling);
   p.initial_state = arg(initial_state);
   p.y = call.y.data_ptr();
   p.y_ungated = z ? call.y_ungated.data_ptr() : nullptr;
@@ -125,9 +146,8 @@ ScanBwdCall prepare_scan_backward(const Tensor& dy, const OptTensor& dfinal_stat
   const char* op = "coupled_selective_scan backward";
   // The forward arguments were checked when the forward ran; re-check them here because
   // the backward op is public too, then the tensors that only backward takes.
-  ScanFwdCall fwd = prepare_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                         coupling, initial_state, op);
-  const ScanShape s = fwd.params.shape;
+  const ScanShape s = check_scan_arguments(u, delta, A, B, C, D, z, delta_bias, coupling,
+                                           initial_state, op);
   const auto dtype = u.scalar_type();
   const auto acc = accumulation_dtype(dtype);
   ArgChecker check{op, u.device()};
@@ -158,18 +178,7 @@ ScanBwdCall prepare_scan_backward(const Tensor& dy, const OptTensor& dfinal_stat
   call.has_initial_state = initial_state.has_value();
 
   ScanBwdParams& p = call.params;
-  const ScanFwdParams& f = fwd.params;
-  p.shape = s;
-  p.delta_softplus = delta_softplus;
-  p.u = f.u;
-  p.delta = f.delta;
-  p.z = f.z;
-  p.B = f.B;
-  p.C = f.C;
-  p.A = f.A;
-  p.D = f.D;
-  p.delta_bias = f.delta_bias;
-  p.coupling = f.coupling;
+  fill_scan_inputs(p, s, delta_softplus, u, delta, A, B, C, D, z, delta_bias, coupling);
   p.dy = arg(dy);
   p.dfinal_state = arg(dfinal_state);
   p.chunk_states = arg(chunk_states);

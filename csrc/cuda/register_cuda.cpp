@@ -44,8 +44,10 @@ ScanFwdOutputs scan_cuda(const Tensor& u, const Tensor& delta, const Tensor& A, 
                          const Tensor& C, const OptTensor& D, const OptTensor& z,
                          const OptTensor& delta_bias, bool delta_softplus, const Tensor& coupling,
                          const OptTensor& initial_state) {
-  ScanFwdCall call = prepare_scan_forward(u, delta, A, states_contiguous(B), states_contiguous(C),
-                                          D, z, delta_bias, delta_softplus, coupling, initial_state,
+  // Named, not temporaries: the params point into them until the kernel has been queued.
+  const Tensor B_states = states_contiguous(B), C_states = states_contiguous(C);
+  ScanFwdCall call = prepare_scan_forward(u, delta, A, B_states, C_states, D, z, delta_bias,
+                                          delta_softplus, coupling, initial_state,
                                           "coupled_selective_scan");
   launch_forward_cuda(call);
   return call.outputs();
@@ -58,10 +60,12 @@ ScanBwdOutputs scan_backward_cuda(const Tensor& dy, const OptTensor& dfinal_stat
                                   bool delta_softplus, const Tensor& coupling,
                                   const OptTensor& initial_state, const Tensor& chunk_states,
                                   const Tensor& y_ungated) {
-  ScanBwdCall call = prepare_scan_backward(dy, dfinal_state, u, delta, A, states_contiguous(B),
-                                           states_contiguous(C), D, z, delta_bias,
-                                           delta_softplus, coupling, initial_state, chunk_states,
-                                           y_ungated);
+  // Named, not temporaries: the params point into them until the kernel has been queued
+  // (a temporary's memory could be reused by the allocations below before the launch).
+  const Tensor B_states = states_contiguous(B), C_states = states_contiguous(C);
+  ScanBwdCall call = prepare_scan_backward(dy, dfinal_state, u, delta, A, B_states, C_states, D,
+                                           z, delta_bias, delta_softplus, coupling, initial_state,
+                                           chunk_states, y_ungated);
   // The dB, dC accumulators get the same state-contiguous layout as B and C.
   call.dB = states_contiguous(call.dB);
   call.dC = states_contiguous(call.dC);
