@@ -8,14 +8,19 @@
 
 namespace coupled_mamba {
 
+// `using std::exp` picks the float overload for float arguments on the host (an unqualified
+// exp(float) would call the double one there); nvcc provides both for the device.
 template <typename T>
 CM_HOST_DEVICE T sigmoid(T x) {
+  using std::exp;
   return T(1) / (T(1) + exp(-x));
 }
 
 // softplus(x) = log(1 + e^x); above 20 it equals x to fp32 precision (as in torch).
 template <typename T>
 CM_HOST_DEVICE T softplus(T x) {
+  using std::exp;
+  using std::log1p;
   return x > T(20) ? x : log1p(exp(x));
 }
 
