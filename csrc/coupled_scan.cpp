@@ -164,15 +164,16 @@ ScanBwdCall prepare_scan_backward(const Tensor& dy, const OptTensor& dfinal_stat
 
   ScanBwdCall call;
   const auto acc_opts = u.options().dtype(acc);
-  const auto empty = at::empty({0}, acc_opts);
+  // A distinct empty tensor for each absent gradient: outputs must not alias (opcheck).
+  const auto none = [&] { return at::empty({0}, acc_opts); };
   call.du = at::empty(u.sizes(), u.options());
   call.ddelta = at::empty(u.sizes(), u.options());
-  call.dz = z ? at::empty(u.sizes(), u.options()) : empty;
+  call.dz = z ? at::empty(u.sizes(), u.options()) : none();
   call.dA = at::zeros(A.sizes(), acc_opts);
   call.dB = at::zeros(B.sizes(), acc_opts);
   call.dC = at::zeros(C.sizes(), acc_opts);
-  call.dD = D ? at::zeros({s.n_modalities, s.dim}, acc_opts) : empty;
-  call.ddelta_bias = delta_bias ? at::zeros({s.n_modalities, s.dim}, acc_opts) : empty;
+  call.dD = D ? at::zeros({s.n_modalities, s.dim}, acc_opts) : none();
+  call.ddelta_bias = delta_bias ? at::zeros({s.n_modalities, s.dim}, acc_opts) : none();
   call.dcoupling = at::zeros({s.n_modalities}, acc_opts);
   call.dinitial_state = at::empty({s.batch, s.dim, s.dstate}, acc_opts);
   call.has_initial_state = initial_state.has_value();
