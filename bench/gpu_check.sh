@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# One-shot GPU check on a bare machine with torch, nvcc and pytest but no network: build the
+# extension in place for the visible card, run the CUDA tests and a few CPU smoke tests, the
+# CUDA benchmark of the scan (and of the model, if bench/bench_model.py exists). About 6
+# minutes; every stage runs under `timeout` inside one overall budget, so one hang cannot eat
+# the rest. A short summary table is printed last.
+#
+#   bash bench/gpu_check.sh                 # from anywhere; logs in $OUT, else ./gpu_out
+#
+# Environment: OUT (log folder), GPU_CHECK_BUDGET (seconds for everything, default 420),
+# GPU_CHECK_PYTEST_ARGS (default "-x -q -rs": stop at the first CUDA failure).
+# At most 8 files are written to $OUT (the device tool returns no more).
+set -u
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-./gpu_out}
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.log"
+: >"$SUMMARY"
+BUDGET=${GPU_CHECK_BUDGET:-420}
+DEADLINE=$(( $(date +%s) + BUDGET ))
+PYTEST_ARGS=${GPU_CHECK_PYTEST_ARGS:-"-x -q -rs"}
+STATUS=0
+declare -a ROWS=()
+
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export MAX_JOBS=${MAX_JOBS:-16}
+export PATH="$CUDA_HOME/bin:$PATH"
+# torch builds with ninja only when `ninja` is on PATH; the pip-installed one sits beside
+# python3. Without it the build falls back to one file at a time.
+PYBIN=$(dirname "$(python3 -c 'import sys; print(sys.executable)')")
+export PATH="$PYBIN:$PATH"
+export PYTHONUNBUFFERED=1
+
+log() { echo "$*" | tee -a "$SUMMARY"; }
+
+# run_stage NAME CAP_SECONDS LOGFILE COMMAND...: runs COMMAND under timeout (the smaller of
+# CAP and what is left of the budget), output to LOGFILE; records status, time and a note.
+run_stage() {
+  local name=$1 cap=$2 logfile=$3; shift 3
+  local left=$(( DEADLINE - $(date +%s) - 5 ))
+  local limit=$(( cap < left ? cap : left ))
+  if (( limit < 10 )); then
+    ROWS+=("$(printf '%-14s %-8s %6s  %s' "$name" skipped - "out of time budget")")
+    STATUS=1
+    return 1
+  fi
+  log "== $name (limit ${limit}s): $*"
+  local start=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >"$logfile" 2>&1
+  local rc=$?
+  local took=$(( $(date +%s) - start ))
+  local state=ok
+  if (( rc == 124 || rc == 137 )); then state=TIMEOUT; STATUS=1
+  elif (( rc != 0 )); then state="FAIL($rc)"; STATUS=1; fi
+  # The note: pytest's summary line, else the log's last line.
+  local note
+  note=$(grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|error)|no tests ran' "$logfile" | tail -1)
+  [[ -z $note ]] && note=$(tail -1 "$logfile")
+  ROWS+=("$(printf '%-14s %-8s %5ss  %s' "$name" "$state" "$took" "${note:0:90}")")
+  log "   -> $state in ${took}s"
+  return $rc
+}
+
+# ---------------------------------------------------------------------------- the machine
+log "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap,clocks.max.sm \
+  --format=csv 2>&1 | tee -a "$SUMMARY"
+python3 -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__,
+"cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>&1 | tee -a "$SUMMARY"
+"$CUDA_HOME/bin/nvcc" --version | tail -2 | tee -a "$SUMMARY"
+command -v ninja >/dev/null && log "ninja $(ninja --version)" || log "ninja: not found (slow build)"
+
+# The card's compute capability, e.g. "9.0" (nvidia-smi, else torch).
+ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')
+if [[ -z $ARCH ]]; then
+  ARCH=$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+fi
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH}
+# The device image's default compiler (/opt/gcc/bin/g++, a wrapper) links libstdc++
+# statically into the extension; every C++ exception (an argument error) then crashes the
+# process (seen 2026-11-27 on an H200). Build with the system g++ when there is one.
+if [[ -z ${CXX:-} && -x /usr/bin/g++ ]]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
+fi
+log "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=$CUDA_HOME"
+
+# ---------------------------------------------------------------------------- build
+if ! run_stage build 300 "$OUT/build.log" env FORCE_CUDA=1 python3 setup.py build_ext --inplace; then
+  log "build failed; last 60 lines of $OUT/build.log:"
+  tail -60 "$OUT/build.log" | tee -a "$SUMMARY"
+  printf '%s\n' "${ROWS[@]}"
+  exit 1
+fi
+export PYTHONPATH=.
+if ! python3 -c 'import coupled_mamba_ext as c, sys; i = c.build_info(); print(i);
+sys.exit(0 if i["cuda"] else 1)' 2>&1 | tee -a "$SUMMARY"; then
+  log "the build has no CUDA kernels (or does not import): stopping"
+  printf '%s\n' "${ROWS[@]}"
+  exit 1
+fi
+
+# ---------------------------------------------------------------------------- tests
+# shellcheck disable=SC2086  # PYTEST_ARGS is a list of flags
+run_stage cuda-tests 200 "$OUT/pytest_cuda.log" python3 -m pytest tests -m cuda $PYTEST_ARGS \
+  --durations=10
+run_stage cpu-smoke 60 "$OUT/pytest_cpu.log" python3 -m pytest -q -m "not cuda" \
+  tests/test_state_update.py tests/test_scan_errors.py \
+  "tests/test_scan_forward.py::test_optional_arguments" \
+  "tests/test_scan_gradients.py::test_gradients_optional_arguments"
+
+# ---------------------------------------------------------------------------- benchmarks
+run_stage bench-scan 150 "$OUT/bench_scan.log" python3 bench/bench_scan.py --device cuda \
+  --json "$OUT/bench_scan.json"
+if [[ -f bench/bench_model.py ]]; then
+  # Its figures go elsewhere: only 8 files come back from $OUT.
+  run_stage bench-model 120 "$OUT/bench_model.log" python3 bench/bench_model.py --device cuda \
+    --json "$OUT/bench_model.json" --out "${TMPDIR:-/tmp}/bench_model_out"
+fi
+
+# ---------------------------------------------------------------------------- summary
+{
+  echo
+  if grep -q '^shape' "$OUT/bench_scan.log" 2>/dev/null; then
+    echo "bench_scan (from $OUT/bench_scan.log):"
+    sed -n '/^coupled_mamba_ext .*load average/,$p' "$OUT/bench_scan.log"
+    echo
+  fi
+  echo "gpu_check: $(date '+%F %T'), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), archs $TORCH_CUDA_ARCH_LIST, logs in $OUT"
+  printf '%-14s %-8s %6s  %s\n' stage status time note
+  printf '%s\n' "${ROWS[@]}"
+} | tee -a "$SUMMARY"
+exit $STATUS

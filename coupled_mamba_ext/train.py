@@ -1,0 +1,440 @@
+"""Training and evaluation of Coupled Mamba (and its fusion baselines) on MMSA data.
+
+One code path serves a single process and ``torchrun --nproc_per_node K``: the data order
+comes from a DistributedSampler in both cases (with one replica when not distributed), so K
+processes with per-process batch B / K see exactly the batches of one process with batch B.
+Rank 0 alone evaluates, logs and writes files. See docs/training.md.
+"""
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from .data import MMSAData, MMSADataset, collate_mmsa, load_mmsa, load_synthetic
+from .metrics import classification_metrics, msa_metrics
+from .models import CoupledMamba
+
+# The paper's settings (§4.1). It does not train on MOSI; MOSI gets the batch size of the
+# dataset of its size (SIMS).
+PAPER_DEFAULTS = {"epochs": 150, "d_model": 128, "n_layers": 3, "d_state": 64}
+PAPER_BATCH_SIZES = {"mosi": 128, "mosei": 1024, "sims": 128, "simsv2": 256}
+# The synthetic task is small; this model and schedule train it on a 2-core CPU in about
+# two minutes (docs/training.md has the measurements).
+SYNTHETIC_DEFAULTS = {"epochs": 15, "d_model": 32, "n_layers": 2, "d_state": 8, "batch_size": 64,
+                      "seq_len": 16}
+
+CHECKPOINT = "checkpoint.pt"  # everything needed to resume; rewritten after every epoch
+BEST = "best.pt"              # the model selected on the validation split, for `eval`
+RESULTS = "results.json"
+CURVES = "learning_curves.png"
+REPORT = "report.md"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved in checkpoints and results.json.
+
+    data: a path to an MMSA pickle or "synthetic". Fields left None take the defaults of the
+    dataset (``resolve_defaults``).
+    """
+    data: str
+    out: str
+    dataset: Optional[str] = None
+    task: str = "regression"
+    fusion: str = "coupled"
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: float = 5e-4
+    weight_decay: float = 5e-4
+    d_model: Optional[int] = None
+    n_layers: Optional[int] = None
+    d_state: Optional[int] = None
+    seq_len: Optional[int] = None
+    dropout: float = 0.1
+    seed: int = 0
+    data_seed: int = 0
+    device: Optional[str] = None
+    amp: Optional[str] = None
+    resume: bool = False
+    num_workers: int = 0
+
+
+# Fields that must agree between a checkpoint and the command that resumes it.
+_RUN_IDENTITY = ("data", "dataset", "task", "fusion", "batch_size", "lr", "weight_decay",
+                 "d_model", "n_layers", "d_state", "seq_len", "dropout", "seed", "data_seed",
+                 "amp")
+
+
+def resolve_defaults(config: TrainConfig, data: MMSAData) -> TrainConfig:
+    """Fill the None fields with the defaults of the dataset (synthetic or the paper's).
+
+    Unaligned data are resampled to ``seq_len`` steps, by default the padded text length
+    (the word grid of aligned data); aligned data keep their own steps (seq_len None).
+    """
+    name = data.info.name
+    if name == "synthetic":
+        defaults = dict(SYNTHETIC_DEFAULTS)
+    else:
+        defaults = {**PAPER_DEFAULTS, "batch_size": PAPER_BATCH_SIZES[name]}
+    if not data.aligned:
+        defaults.setdefault("seq_len", data.splits["train"].features[0].shape[1])
+    filled = {k: v for k, v in defaults.items() if getattr(config, k) is None}
+    return dataclasses.replace(config, dataset=name, **filled)
+
+
+def load_data(data: str, dataset: Optional[str] = None, data_seed: int = 0) -> MMSAData:
+    """``data`` = "synthetic" (generated from ``data_seed``) or the path of an MMSA pickle."""
+    if data == "synthetic":
+        return load_synthetic(data_seed)
+    return load_mmsa(data, dataset)
+
+
+def build_model(config: TrainConfig, input_dims: List[int], num_classes: int) -> CoupledMamba:
+    return CoupledMamba(
+        input_dims, d_model=config.d_model, n_layers=config.n_layers, d_state=config.d_state,
+        fusion=config.fusion, task=config.task,
+        num_classes=num_classes if config.task == "classification" else None,
+        dropout=config.dropout, seq_len=config.seq_len)
+
+
+# ----------------------------------------------------------------------------- process setup
+@dataclass
+class Process:
+    """Where this process runs: its rank among world_size processes, and its device."""
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_process(device: Optional[str]) -> Process:
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world_size == 1:
+        return Process(0, 1, torch.device(device))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device(device)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Process(dist.get_rank(), dist.get_world_size(), dev)
+
+
+# ----------------------------------------------------------------------------- files
+def _atomic_write(path: str, write) -> None:
+    """Call write(tmp_path), then rename over ``path``: a kill leaves the old file intact."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_torch(obj, path: str) -> None:
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_text(text: str, path: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _atomic_write(path, write)
+
+
+def _json_safe(obj):
+    """NaN (an undefined metric, e.g. Corr of constant predictions) becomes null: strict JSON
+    has no NaN."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def save_json(obj, path: str) -> None:
+    save_text(json.dumps(_json_safe(obj), indent=2) + "\n", path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint or best-model file written by ``train`` (tensors and plain Python only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- loops
+def _autocast(device: torch.device, amp: Optional[str]):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def _loss(output: torch.Tensor, batch, task: str) -> torch.Tensor:
+    output = output.float()  # the loss in fp32 even under bf16 autocast
+    if task == "regression":
+        return F.l1_loss(output, batch.regression)
+    return F.cross_entropy(output, batch.classification)
+
+
+def train_one_epoch(model, loader, optimizer, config: TrainConfig, process: Process,
+                    epoch: int) -> float:
+    """One pass over ``loader``; returns the mean training loss of this process's batches."""
+    model.train()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+               disable=not process.is_main, dynamic_ncols=True)
+    for batch in bar:
+        batch = batch.to(process.device)
+        with _autocast(process.device, config.amp):
+            output = model(batch.xs, batch.lengths)
+        loss = _loss(output, batch, config.task)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(batch.regression)
+        count += len(batch.regression)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, task: str, metrics_dataset: str, device: torch.device,
+             amp: Optional[str] = None) -> Tuple[float, Dict[str, float]]:
+    """Mean loss and the metrics (``msa_metrics`` for regression, ``classification_metrics``
+    for classification) of ``model`` over every sample of ``loader``."""
+    model.eval()
+    outputs, regression, classification = [], [], []
+    for batch in loader:
+        batch = batch.to(device)
+        with _autocast(device, amp):
+            outputs.append(model(batch.xs, batch.lengths).float().cpu())
+        regression.append(batch.regression.cpu())
+        classification.append(batch.classification.cpu())
+    output, regression = torch.cat(outputs), torch.cat(regression)
+    classification = torch.cat(classification)
+    if task == "regression":
+        loss = F.l1_loss(output, regression).item()
+        return loss, msa_metrics(output, regression, metrics_dataset)
+    loss = F.cross_entropy(output, classification).item()
+    return loss, classification_metrics(output.argmax(-1), classification)
+
+
+def key_metric(task: str, metrics_dataset: str) -> str:
+    """The accuracy shown in the learning curves and the epoch log."""
+    if task == "classification":
+        return "Acc"
+    return "Has0_acc_2" if metrics_dataset in ("mosi", "mosei") else "Mult_acc_2"
+
+
+def eval_loader(data: MMSAData, split: str, batch_size: int, num_workers: int = 0) -> DataLoader:
+    return DataLoader(MMSADataset(data.splits[split]), batch_size=batch_size, shuffle=False,
+                      collate_fn=collate_mmsa, num_workers=num_workers)
+
+
+# ----------------------------------------------------------------------------- outputs
+def format_metrics_table(columns: Dict[str, Dict[str, float]]) -> str:
+    """A plain-text table: one row per metric, one column per split."""
+    names = list(next(iter(columns.values())))
+    width = max(len(n) for n in names) + 2
+    lines = ["metric".ljust(width) + "".join(c.rjust(10) for c in columns)]
+    for name in names:
+        lines.append(name.ljust(width) + "".join(f"{columns[c][name]:10.4f}" for c in columns))
+    return "\n".join(lines)
+
+
+def plot_learning_curves(history: List[dict], metric: str, path: str) -> None:
+    """Train / valid loss and the valid ``metric`` per epoch, saved as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax_loss.plot(epochs, [h["valid_loss"] for h in history], label="valid")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_loss.legend()
+    ax_metric.plot(epochs, [h["valid"][metric] for h in history], color="tab:green")
+    ax_metric.set(xlabel="epoch", ylabel=metric, title=f"valid {metric}")
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def write_report(results: dict, table: str, path: str) -> None:
+    config = results["config"]
+    text = (f"# {config['fusion']} fusion on {config['dataset']} ({config['task']})\n\n"
+            f"Best epoch on the validation split: {results['best_epoch']} of "
+            f"{config['epochs']}; training time {results['train_seconds']:.1f} s.\n\n"
+            f"```\n{table}\n```\n\n![learning curves]({CURVES})\n\n"
+            f"Configuration: `{json.dumps(config)}`\n")
+    save_text(text, path)
+
+
+# ----------------------------------------------------------------------------- train
+def _check_resumable(saved: dict, config: TrainConfig) -> None:
+    current = dataclasses.asdict(config)
+    changed = [k for k in _RUN_IDENTITY if saved[k] != current[k]]
+    if changed:
+        raise ValueError("--resume: the checkpoint was trained with different settings: " +
+                         ", ".join(f"{k}={saved[k]!r} (now {current[k]!r})" for k in changed))
+
+
+def train(config: TrainConfig) -> Optional[dict]:
+    """Train, select on the validation split, test; write the outputs into ``config.out``.
+
+    Files: checkpoint.pt (resumable state, every epoch), best.pt (selected model),
+    results.json (test and valid metrics, configuration, history), learning_curves.png,
+    report.md. Returns the results dict on rank 0, None on other ranks.
+    """
+    process = setup_process(config.device)
+    try:
+        return _train(config, process)
+    finally:
+        if process.world_size > 1:
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, process: Process) -> Optional[dict]:
+    data = load_data(config.data, config.dataset, config.data_seed)
+    config = resolve_defaults(config, data)
+    if config.batch_size % process.world_size:
+        raise ValueError(f"--batch-size {config.batch_size} (the global batch) must be divisible "
+                         f"by the number of processes {process.world_size}")
+    os.makedirs(config.out, exist_ok=True)
+    checkpoint_path = os.path.join(config.out, CHECKPOINT)
+    if os.path.exists(checkpoint_path) and not config.resume:
+        raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue that run, "
+                              f"or choose another --out")
+
+    def log(message: str) -> None:
+        if process.is_main:
+            tqdm.write(message)
+            with open(os.path.join(config.out, "train.log"), "a") as f:
+                f.write(message + "\n")
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    model = build_model(config, data.feature_dims, data.num_classes).to(process.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    state = {"epoch": 0, "history": [], "best": None, "train_seconds": 0.0}
+    if config.resume and os.path.exists(checkpoint_path):
+        saved = load_checkpoint(checkpoint_path)
+        _check_resumable(saved["config"], config)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+        state = {k: saved[k] for k in state}
+        log(f"resuming {checkpoint_path} after epoch {state['epoch']}")
+
+    trained = model
+    if process.world_size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[process.device.index] if process.device.type == "cuda" else None)
+    sampler = DistributedSampler(MMSADataset(data.splits["train"]), process.world_size,
+                                 process.rank, shuffle=True, seed=config.seed)
+    train_loader = DataLoader(sampler.dataset, batch_size=config.batch_size // process.world_size,
+                              sampler=sampler, collate_fn=collate_mmsa,
+                              num_workers=config.num_workers)
+    valid_loader = eval_loader(data, "valid", config.batch_size, config.num_workers)
+    metrics_dataset = data.info.metrics_dataset
+    shown = key_metric(config.task, metrics_dataset)
+    log(f"{config.fusion} fusion, {config.task}, {data.info.name}: "
+        f"{sum(p.numel() for p in model.parameters())} parameters, "
+        f"{len(data.splits['train'])} training samples, {process.world_size} process(es) on "
+        f"{process.device}")
+
+    for epoch in range(state["epoch"], config.epochs):
+        started = time.time()
+        sampler.set_epoch(epoch)  # a new order every epoch, the same on every rank
+        train_loss = train_one_epoch(trained, train_loader, optimizer, config, process, epoch)
+        state["train_seconds"] += time.time() - started
+        state["epoch"] = epoch + 1
+        if not process.is_main:
+            continue
+        valid_loss, valid = evaluate(model, valid_loader, config.task, metrics_dataset,
+                                     process.device, config.amp)
+        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss,
+                                 "valid_loss": valid_loss, "valid": valid})
+        improved = state["best"] is None or valid_loss < state["best"]["valid_loss"]
+        if improved:  # model selection on the validation loss, as MMSA does
+            state["best"] = {"epoch": epoch + 1, "valid_loss": valid_loss,
+                             "model": {k: v.detach().cpu().clone()
+                                       for k, v in model.state_dict().items()}}
+        save_torch({**state, **_model_file(model.state_dict(), epoch + 1, config, data),
+                    "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+                   checkpoint_path)
+        if improved:
+            save_torch(_model_file(state["best"]["model"], epoch + 1, config, data),
+                       os.path.join(config.out, BEST))
+        log(f"epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f}  valid loss "
+            f"{valid_loss:.4f}  valid {shown} {valid[shown]:.4f}  "
+            f"({time.time() - started:.1f} s){'  *best*' if improved else ''}")
+
+    if process.world_size > 1:
+        dist.barrier()  # other ranks wait for rank 0's last evaluation before leaving
+    if not process.is_main:
+        return None
+    return _finish(config, data, model, state, process, log)
+
+
+def _model_file(model_state: dict, epoch: int, config: TrainConfig, data: MMSAData) -> dict:
+    """What ``evaluate_checkpoint`` needs to rebuild a model: weights, configuration, shapes."""
+    return {"model": model_state, "epoch": epoch, "config": dataclasses.asdict(config),
+            "input_dims": data.feature_dims, "num_classes": data.num_classes}
+
+
+def _finish(config, data, model, state, process, log) -> dict:
+    """Test the selected model; write results.json, the curves and the report; print the table."""
+    model.load_state_dict(state["best"]["model"])
+    columns = {}
+    for split in ("valid", "test"):
+        _, columns[split] = evaluate(model, eval_loader(data, split, config.batch_size), config.task,
+                                     data.info.metrics_dataset, process.device, config.amp)
+    results = {"config": dataclasses.asdict(config), "best_epoch": state["best"]["epoch"],
+               "test": columns["test"], "valid": columns["valid"],
+               "train_seconds": state["train_seconds"], "history": state["history"]}
+    save_json(results, os.path.join(config.out, RESULTS))
+    plot_learning_curves(state["history"], key_metric(config.task, data.info.metrics_dataset),
+                         os.path.join(config.out, CURVES))
+    table = format_metrics_table(columns)
+    write_report(results, table, os.path.join(config.out, REPORT))
+    log(f"\nselected epoch {results['best_epoch']} (lowest valid loss)\n{table}\n"
+        f"wrote {os.path.join(config.out, RESULTS)}, {CURVES}, {REPORT}")
+    return results
+
+
+# ----------------------------------------------------------------------------- eval
+def evaluate_checkpoint(checkpoint: str, data: str, dataset: Optional[str] = None,
+                        splits=("test",), device: Optional[str] = None,
+                        batch_size: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+    """Metrics of a saved model (best.pt or checkpoint.pt) on the given splits of ``data``."""
+    saved = load_checkpoint(checkpoint)
+    config = TrainConfig(**saved["config"])
+    loaded = load_data(data, dataset or config.dataset, config.data_seed)
+    if loaded.feature_dims != list(saved["input_dims"]):
+        raise ValueError(f"{checkpoint} was trained on feature sizes {saved['input_dims']}, "
+                         f"but {data} has {loaded.feature_dims}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(config, loaded.feature_dims, saved["num_classes"]).to(dev)
+    model.load_state_dict(saved["model"])
+    return {split: evaluate(model, eval_loader(loaded, split, batch_size or config.batch_size),
+                            config.task, loaded.info.metrics_dataset, dev, config.amp)[1]
+            for split in splits}

@@ -1,0 +1,81 @@
+"""CUDA kernels beyond the shared device-parametrised tests: long sequences (L = 4095, 4096,
+16384), the paper's big-batch short-sequence regime (batch 1024, L = 50), wide channels,
+forward and every gradient against the float64 reference AND the CPU kernel, in fp32, bf16
+and fp16; launches on the current stream.
+
+Every test of the other op test files that takes ``device`` also runs on "cuda" (marked
+``cuda``), which covers opcheck, torch.compile, the step update, strides and errors on CUDA.
+Skipped, with the reason, where no CUDA device is visible or the build has no CUDA kernels.
+"""
+import pytest
+import torch
+
+from conftest import (FWD_TOL, GRAD_TOL, assert_rel_close, make_scan_inputs,
+                      map_tensors, param_dtype, requires_cuda, scan_with_grads, to_reference)
+from coupled_mamba_ext import coupled_selective_scan
+from coupled_mamba_ext.reference import coupled_scan_ref
+
+pytestmark = [pytest.mark.cuda, requires_cuda]
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (M, batch, dim, L, N). dim and N stay moderate so that the float64 reference loop (on the
+# GPU) takes seconds.
+SHAPES = [
+    pytest.param((3, 2, 8, 4095, 16), id="L4095"),
+    pytest.param((3, 2, 8, 4096, 16), id="L4096"),
+    pytest.param((2, 1, 4, 16384, 16), id="L16384", marks=pytest.mark.slow),
+    pytest.param((3, 1024, 16, 50, 64), id="batch1024-L50-N64"),
+    pytest.param((2, 2, 1536, 130, 16), id="dim1536"),
+    pytest.param((4, 3, 40, 200, 256), id="N256"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cuda_matches_reference_and_cpu_kernel(shape, dtype):
+    """y, the final state and the gradient of every argument: CUDA vs the float64 reference
+    (SPEC §5 tolerances) and vs the CPU kernel on the same inputs."""
+    inputs = make_scan_inputs(*shape, dtype=dtype, device="cuda", seed=sum(shape))
+    M, batch, dim, L, N = shape
+    g = torch.Generator().manual_seed(0)
+    dy = torch.randn(M, batch, dim, L, generator=g, dtype=torch.float64).to(dtype)
+    dfinal = torch.randn(batch, dim, N, generator=g, dtype=torch.float64)
+
+    cuda = scan_with_grads(coupled_selective_scan, inputs, dy.cuda(), dfinal.float().cuda())
+    cpu = scan_with_grads(coupled_selective_scan, map_tensors(inputs, lambda x: x.cpu()), dy,
+                          dfinal.float())
+    # The float64 reference runs on the GPU: its loop over time is too slow on the CPU here.
+    ref = scan_with_grads(coupled_scan_ref, to_reference(inputs, "cuda"), dy.double().cuda(),
+                          dfinal.cuda())
+    assert set(cuda) == set(ref) == set(cpu)
+    for key in cuda:
+        if key == "final_state":
+            tol = FWD_TOL[param_dtype(dtype)]  # accumulated in fp32 whatever the input
+        else:
+            tol = (FWD_TOL if key == "y" else GRAD_TOL)[dtype]
+        assert cuda[key].device.type == "cuda"
+        assert cuda[key].dtype == cpu[key].dtype, key
+        assert_rel_close(cuda[key], ref[key], tol, f"{key} CUDA vs reference")
+        assert_rel_close(cuda[key], cpu[key], tol, f"{key} CUDA vs CPU kernel")
+
+
+def test_cuda_runs_on_the_current_stream():
+    """The kernels launch on PyTorch's current stream, forward and backward. The inputs are
+    written on a side stream behind a long-running kernel: an operator launching elsewhere
+    (the legacy default stream, say) would read them before they are written."""
+    inputs = make_scan_inputs(3, 4, 64, 300, 16, device="cuda", seed=3)
+    dy = torch.randn(3, 4, 64, 300, device="cuda")
+    expected = scan_with_grads(coupled_selective_scan, inputs, dy, None)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # keeps `side` busy for tens of milliseconds
+        copies = map_tensors(inputs, lambda x: x.clone())
+        # Autograd runs each backward node on the stream its forward ran on: `side`.
+        result = scan_with_grads(coupled_selective_scan, copies, dy.clone(), None)
+    torch.cuda.current_stream().wait_stream(side)
+    for key, value in expected.items():
+        # Not bitwise: parameter gradients may be summed by atomics in any order.
+        assert_rel_close(result[key], value, FWD_TOL[torch.float32], key)

@@ -1,0 +1,205 @@
+"""Bad input (SPEC §4): each check raises RuntimeError naming the operator, the argument, what
+was expected and what was received. The messages asserted here are the contract users see."""
+import re
+
+import pytest
+import torch
+
+from conftest import make_scan_inputs, requires_cuda
+from coupled_mamba_ext import coupled_selective_scan, coupled_selective_state_update
+
+M, BATCH, DIM, L, N = 3, 2, 5, 7, 4
+SCAN = "coupled_selective_scan"
+
+
+def base_inputs(dtype=torch.float32):
+    return make_scan_inputs(M, BATCH, DIM, L, N, dtype=dtype, seed=0)
+
+
+def _set(**changes):
+    """A case: the base inputs with some arguments replaced (functions of the base inputs)."""
+    def make():
+        inputs = base_inputs()
+        inputs.update({k: f(inputs) for k, f in changes.items()})
+        return inputs
+    return make
+
+
+def _randn(*shape, dtype=torch.float32):
+    return lambda _: torch.randn(*shape, dtype=dtype)
+
+
+# (id, inputs, message). Messages are matched literally.
+SCAN_CASES = [
+    # wrong rank
+    ("u-rank", _set(u=lambda x: x["u"][0]),
+     "argument 'u' expected 4 dims (M, batch, dim, L), got 3 dims with shape (2, 5, 7)"),
+    ("delta-rank", _set(delta=lambda x: x["delta"][..., 0]),
+     "argument 'delta' expected 4 dims (M, batch, dim, L), same as u, got 3 dims with shape "
+     "(3, 2, 5)"),
+    ("A-rank", _set(A=lambda x: x["A"][0]),
+     "argument 'A' expected 3 dims (M, dim, N), got 2 dims with shape (5, 4)"),
+    ("B-rank", _set(B=lambda x: x["B"][None]),
+     "argument 'B' expected 4 dims (M, batch, N, L), got 5 dims with shape (1, 3, 2, 4, 7)"),
+    ("coupling-rank", _set(coupling=lambda x: x["coupling"][:, None]),
+     "argument 'coupling' expected 1 dims (M,), got 2 dims with shape (3, 1)"),
+    ("initial_state-rank", _set(initial_state=lambda x: x["initial_state"][0]),
+     "argument 'initial_state' expected 3 dims (batch, dim, N), got 2 dims with shape (5, 4)"),
+    # mismatched M
+    ("M-A", _set(A=lambda x: x["A"][:2]),
+     "argument 'A' expected shape (3, 5, 4) (M, dim, N), got (2, 5, 4)"),
+    ("M-C", _set(C=lambda x: x["C"][:2]),
+     "argument 'C' expected shape (3, 2, 4, 7) (M, batch, N, L), got (2, 2, 4, 7)"),
+    ("M-D", _set(D=_randn(4, DIM)), "argument 'D' expected shape (3, 5) (M, dim), got (4, 5)"),
+    ("M-coupling", _set(coupling=_randn(2)),
+     "argument 'coupling' expected shape (3,) (M,), got (2,)"),
+    # mismatched batch
+    ("batch-B", _set(B=lambda x: x["B"][:, :1]),
+     "argument 'B' expected shape (3, 2, 4, 7) (M, batch, N, L), got (3, 1, 4, 7)"),
+    ("batch-z", _set(z=_randn(M, 3, DIM, L)),
+     "argument 'z' expected shape (3, 2, 5, 7) (M, batch, dim, L), same as u, got (3, 3, 5, 7)"),
+    ("batch-initial_state", _set(initial_state=_randn(1, DIM, N)),
+     "argument 'initial_state' expected shape (2, 5, 4) (batch, dim, N), got (1, 5, 4)"),
+    # mismatched dim
+    ("dim-delta", _set(delta=lambda x: x["delta"][:, :, :4]),
+     "argument 'delta' expected shape (3, 2, 5, 7) (M, batch, dim, L), same as u, got "
+     "(3, 2, 4, 7)"),
+    ("dim-A", _set(A=_randn(M, 6, N)),
+     "argument 'A' expected shape (3, 5, 4) (M, dim, N), got (3, 6, 4)"),
+    ("dim-delta_bias", _set(delta_bias=_randn(M, 4)),
+     "argument 'delta_bias' expected shape (3, 5) (M, dim), got (3, 4)"),
+    # mismatched L
+    ("L-z", _set(z=lambda x: x["z"][..., :6]),
+     "argument 'z' expected shape (3, 2, 5, 7) (M, batch, dim, L), same as u, got (3, 2, 5, 6)"),
+    ("L-B", _set(B=_randn(M, BATCH, N, L + 1)),
+     "argument 'B' expected shape (3, 2, 4, 7) (M, batch, N, L), got (3, 2, 4, 8)"),
+    # mismatched N (A fixes N)
+    ("N-C", _set(C=lambda x: x["C"][:, :, :3]),
+     "argument 'C' expected shape (3, 2, 4, 7) (M, batch, N, L), got (3, 2, 3, 7)"),
+    ("N-initial_state", _set(initial_state=_randn(BATCH, DIM, N + 1)),
+     "argument 'initial_state' expected shape (2, 5, 4) (batch, dim, N), got (2, 5, 5)"),
+    # unsupported or inconsistent dtypes
+    ("dtype-u-int32", _set(u=lambda x: x["u"].to(torch.int32)),
+     "argument 'u' expected dtype float32, float16, bfloat16 or float64, got Int"),
+    ("dtype-delta", _set(delta=lambda x: x["delta"].to(torch.bfloat16)),
+     "argument 'delta' expected dtype Float (same as u), got BFloat16"),
+    ("dtype-C", _set(C=lambda x: x["C"].half()),
+     "argument 'C' expected dtype Float (same as u), got Half"),
+    ("dtype-A-float64", _set(A=lambda x: x["A"].double()),
+     "argument 'A' expected dtype Float (always float32), got Double"),
+    ("dtype-D-float64", _set(D=lambda x: x["D"].double()),
+     "argument 'D' expected dtype Float (always float32), got Double"),
+    ("dtype-coupling-half", _set(coupling=lambda x: x["coupling"].half()),
+     "argument 'coupling' expected dtype Float (always float32), got Half"),
+    ("dtype-initial_state", _set(initial_state=lambda x: x["initial_state"].double()),
+     "argument 'initial_state' expected dtype Float (always float32), got Double"),
+    # sizes beyond the kernels' limits
+    ("N-257", _set(A=_randn(M, DIM, 257), B=_randn(M, BATCH, 257, L), C=_randn(M, BATCH, 257, L),
+                   initial_state=lambda _: None),
+     "argument 'A' expected a state size N from 1 to 256 (last dim), got 257"),
+    ("M-17", lambda: make_scan_inputs(17, BATCH, DIM, L, N),
+     "argument 'u' expected 1 to 16 modalities along dim 0, got 17"),
+    ("M-0", _set(**{k: (lambda k: lambda x: x[k][:0])(k)
+                    for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "coupling")}),
+     "argument 'u' expected 1 to 16 modalities along dim 0, got 0"),
+]
+
+
+@pytest.mark.parametrize("make, message", [c[1:] for c in SCAN_CASES],
+                         ids=[c[0] for c in SCAN_CASES])
+def test_scan_rejects_bad_input(make, message):
+    inputs = make()
+    with pytest.raises(RuntimeError, match=re.escape(f"{SCAN}: {message}")):
+        coupled_selective_scan(**inputs)
+    # The registered op checks too: torch.ops.coupled_mamba.scan called directly is public.
+    args = dict(inputs)
+    if args["coupling"] is None:
+        args["coupling"] = torch.full((args["u"].shape[0],), 1.0)
+    with pytest.raises(RuntimeError, match=re.escape(f"{SCAN}: {message}")):
+        torch.ops.coupled_mamba.scan(**args)
+
+
+def test_scan_backward_op_checks_its_own_arguments():
+    """The backward op is public too: its extra arguments are checked like the forward's."""
+    inputs = base_inputs()
+    args = dict(inputs, delta_softplus=True)
+    _, _, chunk_states, y_ungated = torch.ops.coupled_mamba.scan(**args)
+    bad_dy = torch.zeros(M, BATCH, DIM, L + 1)
+    with pytest.raises(RuntimeError, match=re.escape(
+            "coupled_selective_scan backward: argument 'dy' expected shape (3, 2, 5, 7) "
+            "(M, batch, dim, L), got (3, 2, 5, 8)")):
+        torch.ops.coupled_mamba.scan_backward(bad_dy, None, **args, chunk_states=chunk_states,
+                                              y_ungated=y_ungated)
+    with pytest.raises(RuntimeError, match=re.escape(
+            "coupled_selective_scan backward: argument 'chunk_states' expected shape "
+            "(2, 5, 1, 4) (batch, dim, n_chunks, N), from forward, got (2, 5, 2, 4)")):
+        torch.ops.coupled_mamba.scan_backward(
+            torch.zeros(M, BATCH, DIM, L), None, **args,
+            chunk_states=torch.zeros(BATCH, DIM, 2, N), y_ungated=y_ungated)
+
+
+# ------------------------------------------------------------------------------ state update
+UPDATE = "coupled_selective_state_update"
+
+
+def update_inputs():
+    inputs = base_inputs()
+    state = inputs.pop("initial_state")
+    for name in ("u", "delta", "z", "B", "C"):
+        inputs[name] = inputs[name][..., 0]
+    return dict(inputs, state=state)
+
+
+def _update(**changes):
+    def make():
+        inputs = update_inputs()
+        inputs.update({k: f(inputs) for k, f in changes.items()})
+        return inputs
+    return make
+
+
+# The step's arguments have no L axis: messages name the shapes the caller passed.
+UPDATE_CASES = [
+    ("u-rank", _update(u=_randn(M, BATCH, DIM, L)),
+     r"argument 'u' expected 3 dims \(M, batch, dim\), got 4 dims with shape \(3, 2, 5, 7\)"),
+    ("delta-rank", _update(delta=_randn(M, BATCH, DIM, L)),
+     r"argument 'delta' expected 3 dims \(M, batch, dim\).*, got 4 dims with shape "
+     r"\(3, 2, 5, 7\)$"),
+    ("B-rank", _update(B=_randn(M, BATCH, N, L)),
+     r"argument 'B' expected 3 dims \(M, batch, N\), got 4 dims with shape \(3, 2, 4, 7\)"),
+    ("C-rank", _update(C=_randn(M, BATCH, N, L)),
+     r"argument 'C' expected 3 dims \(M, batch, N\), got 4 dims with shape \(3, 2, 4, 7\)"),
+    ("dim-delta", _update(delta=_randn(M, BATCH, 4)),
+     r"argument 'delta' expected shape \(3, 2, 5\) .*got \(3, 2, 4\)$"),
+    ("N-B", _update(B=_randn(M, BATCH, N + 1)),
+     r"argument 'B' expected shape \(3, 2, 4\) .*got \(3, 2, 5\)$"),
+    ("state-shape", _update(state=_randn(BATCH, DIM, N + 1)),
+     r"argument 'state' expected shape \(2, 5, 4\) \(batch, dim, N\), got \(2, 5, 5\)$"),
+    ("state-dtype", _update(state=lambda x: x["state"].double()),
+     r"argument 'state' expected dtype Float \(always float32\), got Double$"),
+    ("M-A", _update(A=_randn(2, DIM, N)),
+     r"argument 'A' expected shape \(3, 5, 4\) \(M, dim, N\), got \(2, 5, 4\)$"),
+]
+
+
+@pytest.mark.parametrize("make, pattern", [c[1:] for c in UPDATE_CASES],
+                         ids=[c[0] for c in UPDATE_CASES])
+def test_state_update_rejects_bad_input(make, pattern):
+    inputs = make()
+    with pytest.raises(RuntimeError) as error:
+        coupled_selective_state_update(**inputs)
+    first_line = str(error.value).splitlines()[0]
+    assert re.search(f"^{UPDATE}: {pattern}", first_line), first_line
+
+
+# ------------------------------------------------------------------------------ devices
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("name", ["A", "B", "coupling", "initial_state"])
+def test_mixed_devices(name):
+    """Every argument must be on u's device; one left on the CPU is named."""
+    inputs = make_scan_inputs(M, BATCH, DIM, L, N, device="cuda")
+    inputs[name] = inputs[name].cpu()
+    with pytest.raises(RuntimeError, match=re.escape(
+            f"{SCAN}: argument '{name}' expected device cuda:0 (the device of u), got cpu")):
+        coupled_selective_scan(**inputs)

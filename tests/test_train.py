@@ -1,0 +1,151 @@
+"""The trainer and the CLI on a tiny synthetic dataset: outputs, resume, eval, bf16."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from coupled_mamba_ext import train as training
+from coupled_mamba_ext.cli import main
+from coupled_mamba_ext.data import load_mmsa, write_synthetic
+from coupled_mamba_ext.data.mmsa import write_pickle
+
+SIZES = {"train": 48, "valid": 16, "test": 16}
+# A model small enough that an epoch takes a fraction of a second on a CPU.
+TINY = ["--d-model", "8", "--n-layers", "1", "--d-state", "4", "--seq-len", "8",
+        "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def pickle_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "synthetic.pkl"
+    write_synthetic(path, seed=0, sizes=SIZES)
+    return str(path)
+
+
+def tiny_config(data, out, **overrides) -> training.TrainConfig:
+    config = dict(data=data, out=str(out), d_model=8, n_layers=1, d_state=4, seq_len=8,
+                  batch_size=16, epochs=3, device="cpu")
+    return training.TrainConfig(**{**config, **overrides})
+
+
+def test_train_writes_every_output_and_prints_the_table(pickle_path, tmp_path, capsys):
+    assert main(["train", "--data", pickle_path, "--out", str(tmp_path), "--epochs", "2",
+                 "--device", "cpu", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "Has0_acc_2" in printed and "Corr" in printed and "test" in printed
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["test"]) == {"Has0_acc_2", "Has0_F1_score", "Non0_acc_2",
+                                    "Non0_F1_score", "Mult_acc_5", "Mult_acc_7", "MAE", "Corr"}
+    assert results["config"]["fusion"] == "coupled" and results["config"]["epochs"] == 2
+    assert results["config"]["dataset"] == "synthetic"
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
+    assert 1 <= results["best_epoch"] <= 2
+    assert (tmp_path / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Has0_acc_2" in (tmp_path / "report.md").read_text()
+    assert training.load_checkpoint(str(tmp_path / "checkpoint.pt"))["epoch"] == 2
+
+
+def test_eval_reproduces_the_test_metrics(pickle_path, tmp_path, capsys):
+    results = training.train(tiny_config(pickle_path, tmp_path, epochs=2))
+    capsys.readouterr()
+    out_json = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(tmp_path / "best.pt"), "--data", pickle_path,
+                 "--split", "valid", "test", "--json", str(out_json)]) == 0
+    assert "Has0_acc_2" in capsys.readouterr().out
+    evaluated = json.loads(out_json.read_text())
+    for name, value in results["test"].items():
+        assert evaluated["test"][name] == pytest.approx(value, abs=1e-6), name
+    assert evaluated["valid"]["MAE"] == pytest.approx(results["valid"]["MAE"], abs=1e-6)
+
+
+def test_a_killed_run_resumes_without_losing_epochs(pickle_path, tmp_path, monkeypatch):
+    straight = training.train(tiny_config(pickle_path, tmp_path / "straight"))
+    expected = training.load_checkpoint(str(tmp_path / "straight" / "checkpoint.pt"))
+
+    real_epoch = training.train_one_epoch
+    def killed_in_third_epoch(*args, **kwargs):
+        if args[-1] == 2:  # the epoch index
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+    monkeypatch.setattr(training, "train_one_epoch", killed_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(tiny_config(pickle_path, tmp_path / "killed"))
+    saved = training.load_checkpoint(str(tmp_path / "killed" / "checkpoint.pt"))
+    assert saved["epoch"] == 2 and len(saved["history"]) == 2
+    assert not [f for f in os.listdir(tmp_path / "killed") if f.endswith(".tmp")]
+
+    monkeypatch.setattr(training, "train_one_epoch", real_epoch)
+    resumed = training.train(tiny_config(pickle_path, tmp_path / "killed", resume=True))
+    got = training.load_checkpoint(str(tmp_path / "killed" / "checkpoint.pt"))
+    for name, weight in expected["model"].items():
+        assert torch.allclose(got["model"][name], weight, rtol=1e-6, atol=1e-7), name
+    assert resumed["history"] == straight["history"]
+    assert resumed["test"] == straight["test"]
+
+
+def test_resume_and_overwrite_are_explicit(pickle_path, tmp_path):
+    training.train(tiny_config(pickle_path, tmp_path, epochs=1))
+    with pytest.raises(FileExistsError, match="--resume"):
+        training.train(tiny_config(pickle_path, tmp_path, epochs=1))
+    with pytest.raises(ValueError, match="fusion='coupled' \\(now 'average'\\)"):
+        training.train(tiny_config(pickle_path, tmp_path, epochs=2, fusion="average",
+                                   resume=True))
+    # more epochs on resume is allowed: the run continues from epoch 1
+    results = training.train(tiny_config(pickle_path, tmp_path, epochs=2, resume=True))
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
+
+
+def test_classification_with_bf16_autocast(pickle_path, tmp_path):
+    results = training.train(tiny_config(pickle_path, tmp_path, epochs=1, task="classification",
+                                         fusion="average", amp="bf16"))
+    assert set(results["test"]) == {"Acc", "F1_score"}
+    assert 0.0 <= results["test"]["Acc"] <= 1.0
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in results["history"])
+
+
+def test_training_learns_a_learnable_task(tmp_path):
+    """On a task that mean pooling and a linear head can solve (the label is the mean of the
+    first audio feature over the clip), the validation loss must fall well below that of
+    the best constant."""
+    rng = np.random.default_rng(0)
+    raw = {}
+    for name, n in (("train", 192), ("valid", 64), ("test", 16)):
+        audio = rng.normal(size=(n, 16, 12)).astype(np.float32)
+        raw[name] = {"text": rng.normal(size=(n, 8, 32)).astype(np.float32), "audio": audio,
+                     "vision": rng.normal(size=(n, 12, 24)).astype(np.float32),
+                     "regression_labels": 6.0 * audio[:, :, 0].mean(axis=1)}  # std 1.5
+    path = str(tmp_path / "easy.pkl")
+    write_pickle(raw, path)
+    results = training.train(tiny_config(path, tmp_path / "run", dataset="synthetic", epochs=6,
+                                         lr=1e-2, dropout=0.0, d_model=16))
+    valid_labels = raw["valid"]["regression_labels"]
+    constant = float(np.abs(valid_labels - np.median(valid_labels)).mean())
+    assert results["history"][-1]["valid_loss"] < 0.5 * constant
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    path = str(tmp_path / "file.json")
+    training.save_json({"a": 1}, path)
+    def fail_midway(tmp):
+        with open(tmp, "w") as f:
+            f.write("{half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        training._atomic_write(path, fail_midway)
+    assert json.loads(open(path).read()) == {"a": 1}
+    assert os.listdir(tmp_path) == ["file.json"]
+
+
+def test_nan_metrics_are_written_as_null(tmp_path):
+    training.save_json({"Corr": float("nan"), "nested": [float("nan"), 1.0]}, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"Corr": None, "nested": [None, 1.0]}
+
+
+def test_cli_writes_the_synthetic_pickle(tmp_path):
+    path = tmp_path / "s.pkl"
+    assert main(["synthetic", "--out", str(path), "--seed", "2"]) == 0
+    data = load_mmsa(path)
+    assert data.info.name == "synthetic" and len(data.splits["train"]) == 2000
