@@ -46,8 +46,11 @@ test: install
 	COUPLED_MAMBA_EXPECT_INSTALLED=1 $(if $(CUDA_HOME),COUPLED_MAMBA_EXPECT_ARCHS="$(TORCH_CUDA_ARCH_LIST)") \
 	  $(VENV)/bin/pytest -q -rs tests
 
+# One OpenMP thread: on a 2-core machine two threads per op run slower than one here
+# (docs/training.md). The previous demo's output is replaced.
 demo: install
-	$(VENV)/bin/coupled-mamba train --data synthetic --out runs/demo
+	rm -rf runs/demo
+	OMP_NUM_THREADS=1 $(VENV)/bin/coupled-mamba train --data synthetic --out runs/demo
 
 # In-place build for working on the code: PYTHONPATH=. then imports the source tree.
 develop: $(VENV)/.ready

@@ -16,9 +16,10 @@ CPU: shapes (M=3, batch 32, dim 256, L=50, N=64) and (M=3, batch 4, dim 256, L=2
     threshold is pinned (MALLOC_MMAP_THRESHOLD_), so freed tensors go back to the system and
     the resident size follows the live tensors; a warm-up call on 4 steps runs first (thread
     pools, lazy initialisation), then the peak is reset through /proc/self/clear_refs and
-    read from VmHWM. Then the scaling: the operator's forward+backward extra memory at L and 2L, N and
-    2N (SPEC §1: it grows with M·batch·dim·L, not with N·L), with the reference's beside it
-    (the reference keeps a (M, batch, dim, N) state per step, so its memory grows with N·L).
+    read from VmHWM. Then the scaling: the operator's forward+backward extra memory at L and
+    2L, N and 2N (SPEC §1: it grows with M·batch·dim·L, not with N·L), with the reference's
+    beside it (the reference keeps (M, batch, dim, N) states per step: its memory grows with
+    N·L).
 
 CUDA: the card's copy bandwidth, then shapes (a) M=3, batch 1024, dim 256, L=50, N=64,
     (b) M=3, batch 16, dim 256, L=1000, N=64, (c) M=2, batch 8, dim 1536, L=4096, N=16 in bf16
@@ -29,6 +30,12 @@ CUDA: the card's copy bandwidth, then shapes (a) M=3, batch 1024, dim 256, L=50,
     largest single allocation during forward+backward (from the caching allocator's memory
     history) against batch·dim·N·L elements; mamba_ssm's selective_scan_cuda on the same
     work (M uncoupled modalities as a batch of M·batch) when it imports.
+
+Times on a shared CPU: the operator and the reference alternate call by call, and each row
+records the load average. The reference is hundreds of small multi-threaded torch ops per
+call; when other jobs take the cores, each op waits for a descheduled OpenMP thread and the
+reference slows far more than the operator (seen here: 1 s becoming 50 s). Compare figures
+taken at a low load, or with --threads 1.
 
 --json PATH writes every number. The summary table is printed last.
 """
@@ -195,8 +202,9 @@ def measure_cpu_memory_here(kind, mode, shape, dtype_name):
 def measure_cpu_memory(kind, mode, shape, dtype_name):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     spec = json.dumps({"kind": kind, "mode": mode, "shape": shape, "dtype": dtype_name})
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure-memory", spec],
-                         env=env, capture_output=True, text=True, check=True)
+    command = [sys.executable, os.path.abspath(__file__), "--measure-memory", spec,
+               "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -409,7 +417,8 @@ def print_table(report):
           f"{report['meta']['load_avg_start']} -> {report['meta']['load_avg_end']}")
     cuda = report["device"] == "cuda"
     head = f"{'shape':24s} {'dtype':8s} {'mode':6s} {'op ms':>10s} {'ref ms':>10s} {'speed-up':>9s}"
-    head += f" {'op/floor':>8s} {'op peak':>12s}" if cuda else f" {'op extra':>12s} {'ref extra':>12s}"
+    head += (f" {'op/floor':>8s} {'op peak':>12s}" if cuda
+             else f" {'op extra':>12s} {'ref extra':>12s} {'load':>5s}")
     print(head)
     for row in report["cases"]:
         line = (f"{shape_name(tuple(row['shape'])):24s} {row['dtype']:8s} {row['mode']:6s} "
@@ -418,7 +427,8 @@ def print_table(report):
         if cuda:
             line += f" {row['op_s'] / row['floor_s']:8.2f} {_mib(row['op_peak_extra_bytes']):>12s}"
         else:
-            line += f" {_mib(row['op_extra_bytes']):>12s} {_mib(row['ref_extra_bytes']):>12s}"
+            line += (f" {_mib(row['op_extra_bytes']):>12s} {_mib(row['ref_extra_bytes']):>12s}"
+                     f" {row['load_avg_1min_before']:5.1f}")
         print(line)
     if cuda:
         print(f"copy bandwidth {report['copy_bandwidth_Bps'] / 1e9:.0f} GB/s; floor = bytes of "
@@ -441,10 +451,15 @@ def main():
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="input dtype (default: float32 on CPU, bfloat16 and float32 on CUDA)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads; also in the memory "
+                        "subprocesses); default: torch's")
     parser.add_argument("--json", default=None, help="write every number to this file")
     parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.measure_memory:  # a memory measurement in this fresh process
         spec = json.loads(args.measure_memory)
         print(json.dumps(measure_cpu_memory_here(spec["kind"], spec["mode"],

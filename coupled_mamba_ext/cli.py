@@ -31,16 +31,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--task", choices=("regression", "classification"), default="regression",
                        help="L1 loss on the sentiment score, or cross-entropy on the classes")
     train.add_argument("--fusion", choices=FUSIONS, default="coupled")
-    train.add_argument("--epochs", type=int, help="default: 150 (paper), 12 for synthetic")
+    train.add_argument("--epochs", type=int, help="default: 150 (paper), 15 for synthetic")
     train.add_argument("--batch-size", type=int, help="global batch; default per dataset: "
                        "MOSEI 1024, SIMS 128, SIMSv2 256, MOSI 128, synthetic 64")
     train.add_argument("--lr", type=float, default=5e-4)
     train.add_argument("--weight-decay", type=float, default=5e-4)
     train.add_argument("--d-model", type=int, help="default 128 (paper), 32 for synthetic")
     train.add_argument("--n-layers", type=int, help="default 3 (paper), 2 for synthetic")
-    train.add_argument("--d-state", type=int, help="default 64 (paper), 16 for synthetic")
+    train.add_argument("--d-state", type=int, help="default 64 (paper), 8 for synthetic")
     train.add_argument("--seq-len", type=int, help="steps that unaligned modalities are "
-                       "resampled to; default: the padded text length (synthetic: 32)")
+                       "resampled to; default: the padded text length (synthetic: 16)")
     train.add_argument("--dropout", type=float, default=0.1)
     train.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     train.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data")

@@ -8,7 +8,6 @@ Rank 0 alone evaluates, logs and writes files. See docs/training.md.
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from .data import MMSAData, MMSADataset, collate_mmsa, load_mmsa, load_synthetic
+from .data.mmsa import atomic_write
 from .metrics import classification_metrics, msa_metrics
 from .models import CoupledMamba
 
@@ -27,8 +27,8 @@ from .models import CoupledMamba
 # dataset of its size (SIMS).
 PAPER_DEFAULTS = {"epochs": 150, "d_model": 128, "n_layers": 3, "d_state": 64}
 PAPER_BATCH_SIZES = {"mosi": 128, "mosei": 1024, "sims": 128, "simsv2": 256}
-# The synthetic task is small; this model and schedule train it on a 2-core CPU in about
-# two minutes (docs/training.md has the measurements).
+# The synthetic task is small; this model and schedule train it on a 2-core CPU in under two
+# minutes with one thread (docs/training.md has the measurements).
 SYNTHETIC_DEFAULTS = {"epochs": 15, "d_model": 32, "n_layers": 2, "d_state": 8, "batch_size": 64,
                       "seq_len": 16}
 
@@ -137,28 +137,15 @@ def setup_process(device: Optional[str]) -> Process:
 
 
 # ----------------------------------------------------------------------------- files
-def _atomic_write(path: str, write) -> None:
-    """Call write(tmp_path), then rename over ``path``: a kill leaves the old file intact."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_torch(obj, path: str) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_text(text: str, path: str) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _json_safe(obj):
@@ -275,7 +262,7 @@ def plot_learning_curves(history: List[dict], metric: str, path: str) -> None:
     ax_metric.plot(epochs, [h["valid"][metric] for h in history], color="tab:green")
     ax_metric.set(xlabel="epoch", ylabel=metric, title=f"valid {metric}")
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 

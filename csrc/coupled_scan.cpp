@@ -43,6 +43,19 @@ at::ScalarType accumulation_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+const char* accumulation_why(at::ScalarType acc) {
+  return acc == at::kDouble ? "float64 with float64 inputs" : "always float32";
+}
+
+// The dtype of u (and of delta, z, B, C) must be one the kernels take.
+void check_input_dtype(const Tensor& u, const char* op) {
+  const auto dtype = u.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
+                  dtype == at::kDouble,
+              op, ": argument 'u' expected dtype float32, float16, bfloat16 or float64, got ",
+              dtype);
+}
+
 TensorArg arg(const Tensor& t) {
   TensorArg a;
   a.data = t.data_ptr();
@@ -60,13 +73,10 @@ ScanShape check_scan_arguments(const Tensor& u, const Tensor& delta, const Tenso
                                const char* op) {
   TORCH_CHECK(u.dim() == 4, op, ": argument 'u' expected 4 dims (M, batch, dim, L), got ",
               u.dim(), " dims with shape ", shape_str(u.sizes()));
+  check_input_dtype(u, op);
   const auto dtype = u.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
-                  dtype == at::kDouble,
-              op, ": argument 'u' expected dtype float32, float16, bfloat16 or float64, got ",
-              dtype);
   const auto acc = accumulation_dtype(dtype);
-  const char* acc_why = acc == at::kDouble ? "float64 with float64 inputs" : "always float32";
+  const char* acc_why = accumulation_why(acc);
   const int64_t M = u.size(0), batch = u.size(1), dim = u.size(2), L = u.size(3);
   TORCH_CHECK(M >= 1 && M <= kMaxModalities, op, ": argument 'u' expected 1 to ",
               kMaxModalities, " modalities along dim 0, got ", M);
@@ -211,12 +221,26 @@ std::tuple<Tensor, Tensor> state_update_via_scan(
     const Tensor& A, const Tensor& B, const Tensor& C, const OptTensor& D, const OptTensor& z,
     const OptTensor& delta_bias, bool delta_softplus, const Tensor& coupling) {
   const char* op = "coupled_selective_state_update";
+  // The step's own arguments are checked in the step's terms (no L axis, `state`); the
+  // scan's checks below then cover A, D, delta_bias and coupling.
   TORCH_CHECK(u.dim() == 3, op, ": argument 'u' expected 3 dims (M, batch, dim), got ", u.dim(),
               " dims with shape ", shape_str(u.sizes()));
+  check_input_dtype(u, op);
+  TORCH_CHECK(A.dim() == 3, op, ": argument 'A' expected 3 dims (M, dim, N), got ", A.dim(),
+              " dims with shape ", shape_str(A.sizes()));
   TORCH_CHECK(B.dim() == 3, op, ": argument 'B' expected 3 dims (M, batch, N), got ", B.dim(),
               " dims with shape ", shape_str(B.sizes()));
   TORCH_CHECK(C.dim() == 3, op, ": argument 'C' expected 3 dims (M, batch, N), got ", C.dim(),
               " dims with shape ", shape_str(C.sizes()));
+  const int64_t M = u.size(0), batch = u.size(1), dim = u.size(2), N = A.size(2);
+  const auto dtype = u.scalar_type();
+  const auto acc = accumulation_dtype(dtype);
+  const ArgChecker check{op, u.device()};
+  check(delta, "delta", {M, batch, dim}, "(M, batch, dim), same as u", dtype, "same as u");
+  if (z) check(*z, "z", {M, batch, dim}, "(M, batch, dim), same as u", dtype, "same as u");
+  check(B, "B", {M, batch, N}, "(M, batch, N)", dtype, "same as u");
+  check(C, "C", {M, batch, N}, "(M, batch, N)", dtype, "same as u");
+  check(state, "state", {batch, dim, N}, "(batch, dim, N)", acc, accumulation_why(acc));
   const auto one_step = [](const Tensor& t) { return t.unsqueeze(-1); };
   const OptTensor z_step = z ? OptTensor(one_step(*z)) : std::nullopt;
   ScanFwdCall call =

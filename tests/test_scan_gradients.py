@@ -94,12 +94,12 @@ def test_gradient_through_final_state_only(device):
 
 # ------------------------------------------------------------------------------ gradcheck
 # softplus changes only how delta and delta_bias enter; the other arguments are checked with it.
-GRADCHECK_CASES = [(name, True) for name in SCAN_TENSOR_ARGS] + [("delta", False),
-                                                                 ("delta_bias", False)]
+GRADCHECK_CASES = ([(name, True) for name in SCAN_TENSOR_ARGS]
+                   + [("delta", False), ("delta_bias", False)])
+GRADCHECK_IDS = ["%s-%s" % (n, "softplus" if s else "linear") for n, s in GRADCHECK_CASES]
 
 
-@pytest.mark.parametrize("name, delta_softplus", GRADCHECK_CASES,
-                         ids=["%s-%s" % (n, "softplus" if s else "linear") for n, s in GRADCHECK_CASES])
+@pytest.mark.parametrize("name, delta_softplus", GRADCHECK_CASES, ids=GRADCHECK_IDS)
 def test_gradcheck(name, delta_softplus):
     """Finite differences vs the operator's backward in float64, one argument at a time,
     through both outputs (y and the final state). L = 70 crosses the 64-step chunk boundary;

@@ -41,6 +41,9 @@ OPCHECK_CASES = [
 ]
 
 
+OPCHECK_OPTIONS, OPCHECK_IDS = [c[1] for c in OPCHECK_CASES], [c[0] for c in OPCHECK_CASES]
+
+
 def opcheck_inputs(device, options):
     options = dict(options)
     if device != "cpu" and options.get("dtype") == torch.float64:
@@ -50,13 +53,13 @@ def opcheck_inputs(device, options):
 
 
 @pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "no-grad"])
-@pytest.mark.parametrize("options", [c[1] for c in OPCHECK_CASES], ids=[c[0] for c in OPCHECK_CASES])
+@pytest.mark.parametrize("options", OPCHECK_OPTIONS, ids=OPCHECK_IDS)
 def test_opcheck_scan(device, options, requires_grad):
     args = op_args(opcheck_inputs(device, options), requires_grad)
     torch.library.opcheck(OPS.scan.default, (), args)
 
 
-@pytest.mark.parametrize("options", [c[1] for c in OPCHECK_CASES], ids=[c[0] for c in OPCHECK_CASES])
+@pytest.mark.parametrize("options", OPCHECK_OPTIONS, ids=OPCHECK_IDS)
 def test_opcheck_scan_backward(device, options):
     args = op_args(opcheck_inputs(device, options), requires_grad=False)
     y, final, chunk_states, y_ungated = OPS.scan(**args)

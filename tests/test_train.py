@@ -9,7 +9,7 @@ import torch
 from coupled_mamba_ext import train as training
 from coupled_mamba_ext.cli import main
 from coupled_mamba_ext.data import load_mmsa, write_synthetic
-from coupled_mamba_ext.data.mmsa import write_pickle
+from coupled_mamba_ext.data.mmsa import atomic_write, write_pickle
 
 SIZES = {"train": 48, "valid": 16, "test": 16}
 # A model small enough that an epoch takes a fraction of a second on a CPU.
@@ -134,7 +134,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
             f.write("{half")
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        training._atomic_write(path, fail_midway)
+        atomic_write(path, fail_midway)
     assert json.loads(open(path).read()) == {"a": 1}
     assert os.listdir(tmp_path) == ["file.json"]
 

@@ -13,7 +13,7 @@ import os
 import pickle
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -106,18 +106,27 @@ def load_mmsa(path: Union[str, os.PathLike], dataset: Optional[str] = None) -> M
     return parse_mmsa(read_pickle(path), dataset, source=str(path))
 
 
-def write_pickle(raw: dict, path: Union[str, os.PathLike]) -> None:
-    """Pickle ``raw`` to ``path`` atomically (a reader never sees a half-written file)."""
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) on a temporary file beside ``path``, then rename it over ``path``:
+    a reader, or a run killed at any moment, sees the old file or the new one, never half."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(raw, f, protocol=pickle.HIGHEST_PROTOCOL)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_pickle(raw: dict, path: Union[str, os.PathLike]) -> None:
+    """Pickle ``raw`` to ``path`` atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            pickle.dump(raw, f, protocol=pickle.HIGHEST_PROTOCOL)
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -190,7 +199,10 @@ def _parse_split(split, name: str, source: str) -> MMSASplit:
     if not isinstance(split, dict):
         raise MMSAFormatError(f"{where} must be a dict, got {type(split).__name__}")
     labels = _array(split, "regression_labels", where)
-    n = labels.shape[0] if labels.ndim >= 1 else -1
+    if labels.ndim == 0:
+        raise MMSAFormatError(f"{where}['regression_labels'] must hold one label per sample, "
+                              f"got a scalar")
+    n = labels.shape[0]  # the number of samples every other key must match
     labels = _vector(split, "regression_labels", n, where).astype(np.float32)
     if not np.all(np.isfinite(labels)):
         raise MMSAFormatError(f"{where}['regression_labels'] contains non-finite values")
