@@ -371,7 +371,7 @@ def run_cuda(args, report):
                 free, _ = torch.cuda.mem_get_info()
                 ref_need = reference_bytes_estimate(shape, mode)
                 if ref_need > 0.8 * free:
-                    row["ref_skipped"] = f"would need {ref_need / 2 ** 30:.1f} GiB"
+                    row["ref_skipped"] = f"skipped: would need {ref_need / 2 ** 30:.1f} GiB"
                 else:
                     try:
                         call = make_call("ref", mode, shape, dtype, "cuda")
@@ -379,14 +379,16 @@ def run_cuda(args, report):
                         row["ref_peak_extra_bytes"] = cuda_peak_extra(call)
                         row["speedup"] = row["ref_s"] / row["op_s"]
                     except torch.cuda.OutOfMemoryError:
-                        row["ref_skipped"] = "out of memory"
+                        row["ref_skipped"] = "skipped: out of memory"
                     call = None
                     torch.cuda.empty_cache()
                 report["cases"].append(row)
                 print(f"  ({label}) {shape_name(shape)} {dtype_name:8s} {mode:6s}: "
                       f"op {row['op_s'] * 1e3:8.3f} ms = {row['op_s'] / row['floor_s']:.2f}x "
-                      f"traffic floor; ref {_ms(row.get('ref_s'))} "
-                      f"{row.get('ref_skipped', '')} x{_fmt(row.get('speedup'))}; "
+                      f"traffic floor {row['floor_s'] * 1e3:.3f} ms (exp floor, fwd: "
+                      f"{exp_floor * 1e3:.3f} ms); reference "
+                      f"{row.get('ref_skipped') or _ms(row.get('ref_s'))} "
+                      f"x{_fmt(row.get('speedup'))}; "
                       f"op peak +{_mib(row['op_peak_extra_bytes'])}", flush=True)
             mamba = mamba_ssm_times(shape, dtype)
             report["mamba_ssm"].append({"case": label, "dtype": dtype_name,
