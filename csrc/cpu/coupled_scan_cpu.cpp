@@ -30,6 +30,13 @@ namespace {
 // Channels one parallel task handles. They share a batch index, hence the B and C tiles.
 constexpr int64_t kRowsPerTask = 16;
 
+// Tasks per thread, so that each thread gets at least ~2^18 (modality, step, state)
+// elements: below that, waking the OpenMP team costs more than the work.
+inline int64_t parallel_grain(const ScanShape& s) {
+  const int64_t work_per_task = std::max<int64_t>(1, kRowsPerTask * s.seqlen * s.dstate * s.n_modalities);
+  return std::max<int64_t>(1, (int64_t(1) << 18) / work_per_task);
+}
+
 // exp for float that the compiler vectorises (glibc's expf is a call it cannot). Range
 // reduction to 2^k · e^r with |r| <= ln2/2, then Cephes' degree-6 polynomial for e^r
 // (relative error about 2e-7). The input is clamped to [-87, 88]: below, it returns ~1e-38
@@ -195,7 +202,7 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
   auto* chunk_states = static_cast<acc_t*>(p.chunk_states);
   auto* final_state = static_cast<acc_t*>(p.final_state);
 
-  at::parallel_for(0, s.batch * blocks_per_batch, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.batch * blocks_per_batch, parallel_grain(s), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> next(N), yhat(M);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks_per_batch;
@@ -256,7 +263,7 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
   // each task accumulates privately and adds its sums under this lock.
   std::mutex flush_lock;
 
-  at::parallel_for(0, s.batch * blocks_per_batch, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.batch * blocks_per_batch, parallel_grain(s), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> history(kChunkLen * N);  // G[t-1] for every t of the chunk
     std::vector<acc_t> lambda_prev(N), next(N);
     for (int64_t task = begin; task < end; ++task) {
