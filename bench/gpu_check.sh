@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One-shot GPU check on a bare machine with torch, nvcc and pytest but no network: build the
 # extension in place for the visible card, run the CUDA tests and a few CPU smoke tests, the
-# CUDA benchmark of the scan (and of the model, if bench/bench_model.py exists). About 6
-# minutes; every stage runs under `timeout` inside one overall budget, so one hang cannot eat
-# the rest. A short summary table is printed last.
+# CUDA benchmark of the scan (and of the model), then times build variants of the backward
+# kernel. About 8 minutes; every stage runs under `timeout` inside one overall budget, so one
+# hang cannot eat the rest. A short summary table is printed last.
 #
 #   bash bench/gpu_check.sh                 # from anywhere; logs in $OUT, else ./gpu_out
 #
-# Environment: OUT (log folder), GPU_CHECK_BUDGET (seconds for everything, default 420),
-# GPU_CHECK_PYTEST_ARGS (default "-x -q -rs": stop at the first CUDA failure).
+# Environment: OUT (log folder), GPU_CHECK_BUDGET (seconds for everything, default 480),
+# GPU_CHECK_PYTEST_ARGS (default "-x -q -rs": stop at the first CUDA failure),
+# GPU_CHECK_BWD_VARIANTS (backward build variants to time, default "128:3 256:2").
 # At most 8 files are written to $OUT (the device tool returns no more).
 set -u
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ OUT=${OUT:-./gpu_out}
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.log"
 : >"$SUMMARY"
-BUDGET=${GPU_CHECK_BUDGET:-420}
+BUDGET=${GPU_CHECK_BUDGET:-480}
 DEADLINE=$(( $(date +%s) + BUDGET ))
 PYTEST_ARGS=${GPU_CHECK_PYTEST_ARGS:-"-x -q -rs"}
 STATUS=0
@@ -118,6 +119,24 @@ if [[ -f bench/bench_model.py ]]; then
     --json "$OUT/bench_model.json" --out "${TMPDIR:-/tmp}/bench_model_out"
 fi
 
+# ---------------------------------------------------------------------------- tuning
+# The backward kernel's block size and minimum blocks per multiprocessor are build-time
+# knobs (csrc/cuda/coupled_scan_bwd.cu). Each variant "THREADS:MIN_BLOCKS" is rebuilt and
+# timed alone (bf16, no reference); its table goes to the summary. Last, because the
+# in-place build is then the last variant's. GPU_CHECK_BWD_VARIANTS="" skips this.
+VARIANT_TABLES=""
+for variant in ${GPU_CHECK_BWD_VARIANTS-"128:3 256:2"}; do
+  threads=${variant%%:*} blocks=${variant##*:}
+  touch csrc/cuda/coupled_scan_bwd.cu
+  vlog="${TMPDIR:-/tmp}/bwd_variant_${threads}_${blocks}.log"
+  if run_stage "bwd-${threads}x${blocks}" 150 "$vlog" env FORCE_CUDA=1 \
+      NVCC_APPEND_FLAGS="-DCOUPLED_MAMBA_BWD_THREADS=$threads -DCOUPLED_MAMBA_BWD_MIN_BLOCKS=$blocks" \
+      bash -c 'python3 setup.py build_ext --inplace >/dev/null && python3 bench/bench_scan.py --device cuda --dtype bfloat16 --no-reference'; then
+    VARIANT_TABLES+=$'\n'"backward variant ${threads} threads, >= ${blocks} blocks/SM:"$'\n'
+    VARIANT_TABLES+=$(sed -n '/^shape /,/^copy bandwidth/p' "$vlog")$'\n'
+  fi
+done
+
 # ---------------------------------------------------------------------------- summary
 {
   echo
@@ -126,6 +145,7 @@ fi
     sed -n '/^coupled_mamba_ext .*load average/,$p' "$OUT/bench_scan.log"
     echo
   fi
+  [[ -n $VARIANT_TABLES ]] && echo "$VARIANT_TABLES"
   echo "gpu_check: $(date '+%F %T'), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), archs $TORCH_CUDA_ARCH_LIST, logs in $OUT"
   printf '%-14s %-8s %6s  %s\n' stage status time note
   printf '%s\n' "${ROWS[@]}"

@@ -1,6 +1,8 @@
 // Operator schemas, argument checks and the Python module of the extension.
 #include "coupled_scan.h"
 
+#include <cstdlib>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -119,6 +121,19 @@ void fill_scan_inputs(Params& p, const ScanShape& shape, bool delta_softplus, co
   p.coupling = arg(coupling);
 }
 
+// An output that every kernel must write in full. With COUPLED_MAMBA_POISON_OUTPUTS=1 in the
+// environment it starts as NaN instead of uninitialised memory (which may still hold a
+// right answer from an earlier call), so that a test sees any element a kernel missed.
+Tensor output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static const bool poison = [] {
+    const char* flag = std::getenv("COUPLED_MAMBA_POISON_OUTPUTS");
+    return flag != nullptr && std::string(flag) == "1";
+  }();
+  Tensor t = at::empty(sizes, options);
+  if (poison && at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
 }  // namespace
 
 ScanFwdCall prepare_scan_forward(const Tensor& u, const Tensor& delta, const Tensor& A,
@@ -131,10 +146,10 @@ ScanFwdCall prepare_scan_forward(const Tensor& u, const Tensor& delta, const Ten
   const int64_t M = shape.n_modalities, batch = shape.batch, dim = shape.dim, L = shape.seqlen;
   const auto acc = accumulation_dtype(u.scalar_type());
   ScanFwdCall call;
-  call.y = at::empty({M, batch, dim, L}, u.options());
-  call.y_ungated = z ? at::empty({M, batch, dim, L}, u.options()) : at::empty({0}, u.options());
-  call.chunk_states = at::empty({batch, dim, shape.n_chunks, shape.dstate}, u.options().dtype(acc));
-  call.final_state = at::empty({batch, dim, shape.dstate}, u.options().dtype(acc));
+  call.y = output({M, batch, dim, L}, u.options());
+  call.y_ungated = z ? output({M, batch, dim, L}, u.options()) : at::empty({0}, u.options());
+  call.chunk_states = output({batch, dim, shape.n_chunks, shape.dstate}, u.options().dtype(acc));
+  call.final_state = output({batch, dim, shape.dstate}, u.options().dtype(acc));
 
   ScanFwdParams& p = call.params;
   fill_scan_inputs(p, shape, delta_softplus, u, delta, A, B, C, D, z, delta_bias, coupling);
@@ -176,16 +191,16 @@ ScanBwdCall prepare_scan_backward(const Tensor& dy, const OptTensor& dfinal_stat
   const auto acc_opts = u.options().dtype(acc);
   // A distinct empty tensor for each absent gradient: outputs must not alias (opcheck).
   const auto none = [&] { return at::empty({0}, acc_opts); };
-  call.du = at::empty(u.sizes(), u.options());
-  call.ddelta = at::empty(u.sizes(), u.options());
-  call.dz = z ? at::empty(u.sizes(), u.options()) : none();
+  call.du = output(u.sizes(), u.options());
+  call.ddelta = output(u.sizes(), u.options());
+  call.dz = z ? output(u.sizes(), u.options()) : none();
   call.dA = at::zeros(A.sizes(), acc_opts);
   call.dB = at::zeros(B.sizes(), acc_opts);
   call.dC = at::zeros(C.sizes(), acc_opts);
   call.dD = D ? at::zeros({s.n_modalities, s.dim}, acc_opts) : none();
   call.ddelta_bias = delta_bias ? at::zeros({s.n_modalities, s.dim}, acc_opts) : none();
   call.dcoupling = at::zeros({s.n_modalities}, acc_opts);
-  call.dinitial_state = at::empty({s.batch, s.dim, s.dstate}, acc_opts);
+  call.dinitial_state = output({s.batch, s.dim, s.dstate}, acc_opts);
   call.has_initial_state = initial_state.has_value();
 
   ScanBwdParams& p = call.params;
@@ -211,8 +226,7 @@ ScanBwdCall prepare_scan_backward(const Tensor& dy, const OptTensor& dfinal_stat
 ScanBwdOutputs ScanBwdCall::finish() const {
   const auto input_dtype = du.scalar_type();
   const Tensor dinit = has_initial_state ? dinitial_state : at::empty({0}, dA.options());
-  // Contiguous like the fake kernel says (the CUDA backend accumulates them transposed).
-  return {du, ddelta, dA, dB.contiguous().to(input_dtype), dC.contiguous().to(input_dtype),
+  return {du, ddelta, dA, dB.to(input_dtype), dC.to(input_dtype),
           dD, dz, ddelta_bias, dcoupling, dinit};
 }
 

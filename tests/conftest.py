@@ -4,8 +4,15 @@ measures, SPEC §5 tolerances, and the list of devices the tests run on.
 Any test taking a ``device`` argument runs once per entry of ``DEVICES``: "cpu" always, and
 "cuda" (marked ``cuda``) when a CUDA device is visible and the extension has CUDA kernels.
 Why CUDA is left out is printed in pytest's header and by the skips of test_scan_cuda.py.
+Outputs are poisoned with NaN before the kernels run (see below).
 """
+import os
 from typing import Callable, Dict, Optional
+
+# Every output element a kernel must write starts as NaN (csrc/coupled_scan.cpp), so that
+# an element a kernel misses fails the comparisons instead of passing on stale memory.
+# Read once by the extension at its first call, so it is set before anything runs.
+os.environ.setdefault("COUPLED_MAMBA_POISON_OUTPUTS", "1")
 
 import pytest
 import torch

@@ -1,16 +1,20 @@
 // Backward CUDA kernel of the coupled selective scan (SPEC §1, "Backward").
 //
-// Same thread mapping as forward. Time is walked from the last chunk to the first; inside
-// one chunk of kChunkLen steps the states are recomputed from the saved chunk start in
-// sub-chunks of kHistLen steps: one pass saves the state at each sub-chunk start, then for
-// each sub-chunk (last first) the states G[t-1] of its steps go to shared memory and the
-// adjoint recurrence λ[t-1] = Σ_m a_m·μ_m runs back through them. Exponentials are
-// therefore computed about 2.75 times per element (the first pass stops at the last
-// sub-chunk start; the second recomputes each sub-chunk; the reverse step needs a again).
+// Same mapping and tiles as forward (scan_cuda_common.cuh), with the tiles walked from the
+// last to the first. For each tile and state index n:
+//  1. recompute the forward maps G -> P·G + U of the tile's steps (one exponential per
+//     modality, step and state, kept in registers) and scan them from the chunk state that
+//     forward saved at the tile's start: G[t-1] for every step;
+//  2. scan the adjoint recurrence back in time, λ[t-1] = P[t]·λ[t] + Q[t] with
+//     Q[t] = Σ_m a_m·dŷ_m·C_m, from the λ carried in from the next tile (at the end: the
+//     final state's gradient): λ[t] = dℓ/dG[t] for every step;
+//  3. form μ_m = dŷ_m·C_m + w_m·λ and every per-element gradient.
+// So each exponential is computed once in backward (twice in forward + backward together).
 //
-// Gradients reduced over channels (dB, dC over e; dA over b; dD, dΔ-bias over b; dw over
-// everything) are summed in shared memory or registers first and reach global memory with
-// one atomic per block and element.
+// Sums over channels: dB and dC (over e) of one state and tile are summed over the block's
+// rows in shared memory and reach global memory with one atomic per block and element; dA
+// (over b) with one atomic per row, tile and element after a segment sum; dD, dΔ-bias and
+// the coupling's gradient are summed per thread and reduced once at the end.
 #include <algorithm>
 
 #include "coupled_scan_cuda.h"
@@ -19,247 +23,251 @@
 namespace coupled_mamba {
 namespace {
 
-constexpr int kHistLen = 16;  // steps of recomputed states held in shared memory
-constexpr int kSubChunks = kChunkLen / kHistLen;
-static_assert(kChunkLen % kHistLen == 0, "sub-chunks must tile a chunk");
+// Block size and the minimum number of resident blocks per multiprocessor (which caps the
+// registers per thread) are build-time knobs for tuning on a card, e.g.
+// NVCC_APPEND_FLAGS="-DCOUPLED_MAMBA_BWD_THREADS=128 -DCOUPLED_MAMBA_BWD_MIN_BLOCKS=3".
+// More rows per block means fewer global atomics for dB and dC (they are summed over the
+// block's rows first); uncapped, a thread takes about 240 registers (one 256-thread block
+// per multiprocessor).
+#ifndef COUPLED_MAMBA_BWD_THREADS
+#define COUPLED_MAMBA_BWD_THREADS 256
+#endif
+#ifndef COUPLED_MAMBA_BWD_MIN_BLOCKS
+#define COUPLED_MAMBA_BWD_MIN_BLOCKS 1
+#endif
+constexpr int kBwdThreads = COUPLED_MAMBA_BWD_THREADS;
+// Backward holds more per (modality, step) than forward (dΔ and du accumulators, B and C of
+// the current state): two steps per lane keep it in registers for up to 4 modalities.
+using BwdSmallTiling = ScanTiling<4, 2>;
 
-// Shared-memory layout of one block, in floats. Per-thread arrays are [slot][thread] so
-// that a warp's accesses fall in distinct banks.
-struct BwdSmem {
-  int64_t threads, rows, M, n_states, padded_N;
-  bool dBC_in_smem;  // accumulate dB, dC of a sub-chunk in shared memory (when they fit)
-
-  CM_HOST_DEVICE int64_t coupling() const { return 0; }                                      // [M]
-  CM_HOST_DEVICE int64_t history() const { return coupling() + M; }                          // [kHistLen][n_states][threads]
-  CM_HOST_DEVICE int64_t sub_starts() const { return history() + kHistLen * n_states * threads; }  // [kSubChunks][n_states][threads]
-  CM_HOST_DEVICE int64_t dA() const { return sub_starts() + kSubChunks * n_states * threads; }    // [M][n_states][threads]
-  CM_HOST_DEVICE int64_t dw() const { return dA() + M * n_states * threads; }                     // [M][threads]
-  CM_HOST_DEVICE int64_t dD() const { return dw() + M * threads; }                                // [M][rows]
-  CM_HOST_DEVICE int64_t dbias() const { return dD() + M * rows; }                                // [M][rows]
-  CM_HOST_DEVICE int64_t dBC() const { return dbias() + M * rows; }                               // [2][M][kHistLen][padded_N]
-  CM_HOST_DEVICE int64_t dBC_size() const { return 2 * M * kHistLen * padded_N; }
-  CM_HOST_DEVICE int64_t total() const { return dBC() + (dBC_in_smem ? dBC_size() : 0); }
-  CM_HOST_DEVICE size_t bytes() const { return total() * sizeof(float); }
-};
-
-template <typename input_t>
-__global__ void coupled_scan_bwd_kernel(const ScanBwdParams p, int R, int n_states, BwdSmem layout) {
+template <typename input_t, typename Tiling>
+__global__ void __launch_bounds__(kBwdThreads, COUPLED_MAMBA_BWD_MIN_BLOCKS)
+    coupled_scan_bwd_kernel(const ScanBwdParams p, int S) {
+  constexpr int kMaxM = Tiling::kMaxM, kItems = Tiling::kItems;
   const ScanShape s = p.shape;
-  const int64_t M = s.n_modalities, N = s.dstate, T = blockDim.x, tid = threadIdx.x;
+  const int M = static_cast<int>(s.n_modalities);
+  const int64_t N = s.dstate, L = s.seqlen;
+  const RowMap rm(s, S);
+  const int64_t tile = static_cast<int64_t>(S) * kItems, n_tiles = (L + tile - 1) / tile;
+  const bool carried = n_tiles > 1;  // then S == 32: the segment is the whole warp
+
+  // Shared memory: the dB and dC sums of one state over the block's rows, [2][M][tile];
+  // with several tiles, λ carried from one tile to the previous, [rows][N].
   extern __shared__ float smem[];
-  float* w = smem + layout.coupling();
-  float* history = smem + layout.history();
-  float* sub_starts = smem + layout.sub_starts();
-  float* dA_acc = smem + layout.dA();
-  float* dw_acc = smem + layout.dw();
-  float* dD_acc = smem + layout.dD();
-  float* dbias_acc = smem + layout.dbias();
-  float* dBC_acc = smem + layout.dBC();
-  for (int64_t i = tid; i < layout.total(); i += T) smem[i] = 0.f;
-  __syncthreads();
-  for (int64_t m = tid; m < M; m += T) w[m] = load_param(p.coupling, m);
+  float* dBC_tile = smem;
+  float* carry = smem + 2 * M * tile + rm.row * N;
+  for (int64_t j = threadIdx.x; j < 2 * M * tile; j += blockDim.x) dBC_tile[j] = 0.f;
 
-  const LaneMap lm(s, R, n_states);
-  const int64_t rows = layout.rows;
-  auto slot = [&](float* base, int64_t k, int j) -> float& { return base[(k * n_states + j) * T + tid]; };
-  float* dB_global = static_cast<float*>(p.dB);
-  float* dC_global = static_cast<float*>(p.dC);
-  auto dBC_index = [&](int64_t m, int64_t n, int64_t t) {
-    return m * p.dBC_stride[0] + lm.b * p.dBC_stride[1] + n * p.dBC_stride[2] + t * p.dBC_stride[3];
+  float w[kMaxM];
+#pragma unroll
+  for (int m = 0; m < kMaxM; ++m) w[m] = m < M ? load_param(p.coupling, m) : 0.f;
+  const auto final_state_grad = [&](int64_t n) {
+    return rm.active && p.dfinal_state.present() ? load_param(p.dfinal_state, rm.b, rm.e, n) : 0.f;
   };
-
-  // λ = dℓ/dG[t], starting from the final state's gradient.
-  float lambda[kMaxStatesPerLane];
-#pragma unroll
-  for (int j = 0; j < kMaxStatesPerLane; ++j)
-    lambda[j] = lm.active && lm.owns(j, N) && p.dfinal_state.present()
-                    ? load_param(p.dfinal_state, lm.b, lm.e, lm.state(j))
-                    : 0.f;
+  if (carried)
+    for (int64_t n = rm.seg_lane; n < N; n += S) carry[n] = final_state_grad(n);
   __syncthreads();
 
-  float G[kMaxStatesPerLane], G_next[kMaxStatesPerLane];
-  for (int64_t c = s.n_chunks - 1; c >= 0; --c) {
-    const int64_t t0 = c * kChunkLen, t1 = min(s.seqlen, t0 + kChunkLen);
-    const int64_t n_sub = (t1 - t0 + kHistLen - 1) / kHistLen;
-    // Pass 1: the state at each sub-chunk start, from the chunk start saved by forward.
-    if (lm.active) {
+  float* dA = static_cast<float*>(p.dA);
+  float* dB = static_cast<float*>(p.dB);
+  float* dC = static_cast<float*>(p.dC);
+  float* dinitial_state = static_cast<float*>(p.dinitial_state) + (rm.b * s.dim + rm.e) * N;
+  float dw_sum[kMaxM] = {}, dD_sum[kMaxM] = {}, dbias_sum[kMaxM] = {};
+
+  for (int64_t k = n_tiles - 1; k >= 0; --k) {
+    const int64_t t0 = k * tile, tile_len = min(tile, L - t0);
+    const int64_t t_first = t0 + static_cast<int64_t>(rm.seg_lane) * kItems;
+    bool valid[kItems];
 #pragma unroll
-      for (int j = 0; j < kMaxStatesPerLane; ++j)
-        G[j] = lm.owns(j, N) ? load_param(p.chunk_states, lm.b, lm.e, c, lm.state(j)) : 0.f;
-      const int64_t last_start = t0 + (n_sub - 1) * kHistLen;
-      for (int64_t t = t0; t <= last_start; ++t) {
-        if ((t - t0) % kHistLen == 0) {
+    for (int i = 0; i < kItems; ++i) valid[i] = rm.active && t_first + i < L;
+
+    // Per (modality, step): Δ, u, dŷ (and dz, written now); accumulators of dΔ and du.
+    float step[kMaxM][kItems], u[kMaxM][kItems], dyhat[kMaxM][kItems];
+    float d_step[kMaxM][kItems], d_u[kMaxM][kItems];
 #pragma unroll
-          for (int j = 0; j < kMaxStatesPerLane; ++j)
-            if (j < n_states) slot(sub_starts, (t - t0) / kHistLen, j) = G[j];
+    for (int m = 0; m < kMaxM; ++m) {
+      float raw[kItems] = {}, u_m[kItems] = {}, dy[kItems] = {}, z[kItems] = {}, y_hat[kItems] = {};
+      float bias = 0.f;
+      if (m < M && rm.active) {
+        load_items<input_t>(p.delta, m, rm.b, rm.e, t_first, L, raw);
+        load_items<input_t>(p.u, m, rm.b, rm.e, t_first, L, u_m);
+        load_items<input_t>(p.dy, m, rm.b, rm.e, t_first, L, dy);
+        if (p.z.present()) {
+          load_items<input_t>(p.z, m, rm.b, rm.e, t_first, L, z);
+          load_items<input_t>(p.y_ungated, m, rm.b, rm.e, t_first, L, y_hat);
         }
-        if (t < last_start) {
-          advance_states<input_t, false>(p, lm, t, w, G, G_next);
+        if (p.delta_bias.present()) bias = load_param(p.delta_bias, m, rm.e);
+      }
+      const int64_t out = ((m * s.batch + rm.b) * s.dim + rm.e) * L + t_first;
 #pragma unroll
-          for (int j = 0; j < kMaxStatesPerLane; ++j) G[j] = G_next[j];
+      for (int i = 0; i < kItems; ++i) {
+        step[m][i] = valid[i] ? step_size(raw[i], bias, p.delta_softplus) : 0.f;
+        u[m][i] = valid[i] ? u_m[i] : 0.f;
+        dyhat[m][i] = valid[i] ? dy[i] : 0.f;
+        if (p.z.present() && m < M && valid[i]) {
+          float dz;
+          dyhat[m][i] = gate_backward(dy[i], y_hat[i], z[i], &dz);
+          static_cast<input_t*>(p.dz)[out + i] = from_float<input_t>(dz);
         }
+        d_step[m][i] = d_u[m][i] = 0.f;
       }
     }
-    for (int64_t sc = n_sub - 1; sc >= 0; --sc) {
-      const int64_t ts0 = t0 + sc * kHistLen, ts1 = min(t1, ts0 + kHistLen);
-      if (lm.active) {
-        // Pass 2: G[t-1] for every step of the sub-chunk.
+
+    for (int64_t n = 0; n < N; ++n) {
+      float A[kMaxM], B[kMaxM][kItems], C[kMaxM][kItems], decay[kMaxM][kItems];
+      float P[kItems], U[kItems], Q[kItems];
 #pragma unroll
-        for (int j = 0; j < kMaxStatesPerLane; ++j) G[j] = j < n_states ? slot(sub_starts, sc, j) : 0.f;
-        for (int64_t t = ts0; t < ts1; ++t) {
+      for (int i = 0; i < kItems; ++i) P[i] = U[i] = Q[i] = 0.f;
 #pragma unroll
-          for (int j = 0; j < kMaxStatesPerLane; ++j)
-            if (j < n_states) slot(history, t - ts0, j) = G[j];
-          if (t + 1 < ts1) {
-            advance_states<input_t, false>(p, lm, t, w, G, G_next);
+      for (int m = 0; m < kMaxM; ++m) {
+        A[m] = 0.f;
 #pragma unroll
-            for (int j = 0; j < kMaxStatesPerLane; ++j) G[j] = G_next[j];
-          }
+        for (int i = 0; i < kItems; ++i) B[m][i] = C[m][i] = 0.f;
+        if (m >= M) continue;
+        if (rm.active) {
+          A[m] = load_param(p.A, m, rm.e, n);
+          load_items<input_t>(p.B, m, rm.b, n, t_first, L, B[m]);
+          load_items<input_t>(p.C, m, rm.b, n, t_first, L, C[m]);
         }
-        // Pass 3: the reverse (adjoint) steps.
-        for (int64_t t = ts1 - 1; t >= ts0; --t) {
-          float G_prev[kMaxStatesPerLane], lambda_prev[kMaxStatesPerLane];
 #pragma unroll
-          for (int j = 0; j < kMaxStatesPerLane; ++j) {
-            G_prev[j] = j < n_states ? slot(history, t - ts0, j) : 0.f;
-            lambda_prev[j] = 0.f;
-          }
-          for (int64_t m = 0; m < M; ++m) {
-            const float raw = load4<input_t>(p.delta, m, lm.b, lm.e, t);
-            const float bias = p.delta_bias.present() ? load_param(p.delta_bias, m, lm.e) : 0.f;
-            const float step = step_size(raw, bias, p.delta_softplus);
-            const float u = load4<input_t>(p.u, m, lm.b, lm.e, t);
-            const float dy = load4<input_t>(p.dy, m, lm.b, lm.e, t);
-            const int64_t i = ((m * s.batch + lm.b) * s.dim + lm.e) * s.seqlen + t;
-            float dyhat = dy, dz = 0.f;
-            if (p.z.present())
-              dyhat = gate_backward(dy, load4<input_t>(p.y_ungated, m, lm.b, lm.e, t),
-                                    load4<input_t>(p.z, m, lm.b, lm.e, t), &dz);
-            const float drive = step * u, step_log2 = step * kLog2e, w_m = w[m];
-            float d_step = 0.f, d_u = 0.f, d_w = 0.f;
-#pragma unroll
-            for (int j = 0; j < kMaxStatesPerLane; ++j) {
-              if (!lm.owns(j, N)) continue;
-              const int64_t n = lm.state(j);
-              const float A = load_param(p.A, m, lm.e, n);
-              const float B = load4<input_t>(p.B, m, lm.b, n, t);
-              const float C = load4<input_t>(p.C, m, lm.b, n, t);
-              const float decay = exp2_approx(step_log2 * A);
-              const float h = modality_state(decay, G_prev[j], drive, B);
-              const float mu = dyhat * C + w_m * lambda[j];  // dℓ/dh
-              const ModalityStateGrad<float> g = modality_state_grad(mu, decay, G_prev[j], step, A, B, u);
-              d_step += g.d_step;
-              d_u += g.d_u;
-              d_w += lambda[j] * h;
-              slot(dA_acc, m, j) += g.d_A;
-              lambda_prev[j] += g.d_coupled_prev;
-              if (layout.dBC_in_smem) {
-                float* dB_tile = dBC_acc + (m * kHistLen + (t - ts0)) * layout.padded_N;
-                float* dC_tile = dB_tile + M * kHistLen * layout.padded_N;
-                atomicAdd(dB_tile + n, g.d_B);
-                atomicAdd(dC_tile + n, dyhat * h);
-              } else {
-                atomicAdd(dB_global + dBC_index(m, n, t), g.d_B);
-                atomicAdd(dC_global + dBC_index(m, n, t), dyhat * h);
-              }
-            }
-            d_step = segment_sum(d_step, lm);
-            d_u = segment_sum(d_u, lm);
-            dw_acc[m * T + tid] += d_w;
-            if (lm.lane == 0) {
-              const float D = p.D.present() ? load_param(p.D, m, lm.e) : 0.f;
-              const float d_raw = step_size_grad(d_step, raw, bias, p.delta_softplus);
-              static_cast<input_t*>(p.du)[i] = from_float<input_t>(d_u + dyhat * D);
-              static_cast<input_t*>(p.ddelta)[i] = from_float<input_t>(d_raw);
-              if (p.z.present()) static_cast<input_t*>(p.dz)[i] = from_float<input_t>(dz);
-              dD_acc[m * rows + lm.row] += dyhat * u;
-              dbias_acc[m * rows + lm.row] += d_raw;
-            }
-          }
-#pragma unroll
-          for (int j = 0; j < kMaxStatesPerLane; ++j) lambda[j] = lambda_prev[j];
+        for (int i = 0; i < kItems; ++i) {
+          decay[m][i] = exp2_approx(step[m][i] * A[m] * kLog2e);
+          P[i] += w[m] * decay[m][i];
+          U[i] += w[m] * step[m][i] * B[m][i] * u[m][i];
+          Q[i] += decay[m][i] * dyhat[m][i] * C[m][i];
         }
       }
-      if (layout.dBC_in_smem) {
-        // Flush the sub-chunk's dB, dC sums: one global atomic per element and block.
-        __syncthreads();
-        const int64_t steps = ts1 - ts0;
-        for (int64_t k = tid; k < 2 * M * N * steps; k += T) {
-          const int64_t dt = k % steps, n = (k / steps) % N, m = (k / (steps * N)) % M;
-          const bool is_C = k >= M * N * steps;
-          float* acc = dBC_acc + ((is_C ? M : 0) + m) * kHistLen * layout.padded_N + dt * layout.padded_N + n;
-          if (*acc != 0.f) atomicAdd((is_C ? dC_global : dB_global) + dBC_index(m, n, ts0 + dt), *acc);
-          *acc = 0.f;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i)
+        if (!valid[i]) P[i] = 1.f, U[i] = Q[i] = 0.f;
+
+      // 1. G[t-1] of this lane's steps, from the chunk state at the tile's start.
+      float P_lane = 1.f, U_lane = 0.f;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        U_lane = P[i] * U_lane + U[i];
+        P_lane = P[i] * P_lane;
+      }
+      exclusive_scan_forward(P_lane, U_lane, rm.seg_lane, S);
+      const float G_start = rm.active ? load_param(p.chunk_states, rm.b, rm.e, t0 / kChunkLen, n) : 0.f;
+      float G_prev[kItems];
+      float G = P_lane * G_start + U_lane;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        G_prev[i] = G;
+        G = P[i] * G + U[i];
+      }
+
+      // 2. λ after this lane's last step, from the λ after the tile.
+      float P_rev = 1.f, Q_rev = 0.f;
+#pragma unroll
+      for (int i = kItems - 1; i >= 0; --i) {
+        Q_rev = P[i] * Q_rev + Q[i];
+        P_rev = P[i] * P_rev;
+      }
+      exclusive_scan_reverse(P_rev, Q_rev, rm.seg_lane, S);
+      float lambda = P_rev * (carried ? carry[n] : final_state_grad(n)) + Q_rev;
+
+      // 3. Gradients, walking this lane's steps back: lambda = dℓ/dG[t].
+      float dA_part[kMaxM] = {};
+#pragma unroll
+      for (int i = kItems - 1; i >= 0; --i) {
+        if (valid[i]) {
+          const int t_tile = static_cast<int>(t_first + i - t0);
+#pragma unroll
+          for (int m = 0; m < kMaxM; ++m) {
+            if (m >= M) continue;
+            const float mu = dyhat[m][i] * C[m][i] + w[m] * lambda;  // dℓ/dh
+            const ModalityStateGrad<float> g =
+                modality_state_grad(mu, decay[m][i], G_prev[i], step[m][i], A[m], B[m][i], u[m][i]);
+            const float h = modality_state(decay[m][i], G_prev[i], step[m][i] * u[m][i], B[m][i]);
+            d_step[m][i] += g.d_step;
+            d_u[m][i] += g.d_u;
+            dA_part[m] += g.d_A;
+            dw_sum[m] += lambda * h;
+            atomicAdd(dBC_tile + m * tile + t_tile, g.d_B);
+            atomicAdd(dBC_tile + (M + m) * tile + t_tile, dyhat[m][i] * h);
+          }
         }
-        __syncthreads();
+        lambda = P[i] * lambda + Q[i];
+      }
+      // The segment's first lane now holds λ[t0 - 1]: carried to the previous tile, and at
+      // the first tile the gradient of the initial state.
+      if (carried) {
+        __syncwarp();  // every lane has read carry[n]
+        if (rm.seg_lane == 0) carry[n] = lambda;
+      }
+      if (k == 0 && rm.seg_lane == 0 && rm.active) dinitial_state[n] = lambda;
+#pragma unroll
+      for (int m = 0; m < kMaxM; ++m) {
+        if (m >= M) continue;
+        const float v = segment_sum(dA_part[m], S);
+        if (rm.seg_lane == 0 && rm.active) atomicAdd(dA + (m * s.dim + rm.e) * N + n, v);
+      }
+
+      // dB, dC of state n over the tile, summed over the block's rows: to global memory.
+      __syncthreads();
+      const int steps = static_cast<int>(tile_len);
+      for (int j = threadIdx.x; j < 2 * M * steps; j += blockDim.x) {
+        const int dt = j % steps, which_m = j / steps;  // which_m: dB of m = 0..M-1, then dC
+        float* acc = dBC_tile + which_m * static_cast<int>(tile) + dt;
+        const float v = *acc;
+        *acc = 0.f;
+        const int64_t m = which_m % M;
+        float* out = which_m < M ? dB : dC;
+        if (v != 0.f)
+          atomicAdd(out + m * p.dBC_stride[0] + rm.b * p.dBC_stride[1] + n * p.dBC_stride[2] +
+                        (t0 + dt) * p.dBC_stride[3],
+                    v);
+      }
+      __syncthreads();
+    }
+
+    // The tile's per-step gradients.
+#pragma unroll
+    for (int m = 0; m < kMaxM; ++m) {
+      if (m >= M || !rm.active) continue;
+      float raw[kItems] = {};
+      load_items<input_t>(p.delta, m, rm.b, rm.e, t_first, L, raw);
+      const float bias = p.delta_bias.present() ? load_param(p.delta_bias, m, rm.e) : 0.f;
+      const float D = p.D.present() ? load_param(p.D, m, rm.e) : 0.f;
+      const int64_t out = ((m * s.batch + rm.b) * s.dim + rm.e) * L + t_first;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        if (!valid[i]) continue;
+        const float d_raw = step_size_grad(d_step[m][i], raw[i], bias, p.delta_softplus);
+        static_cast<input_t*>(p.ddelta)[out + i] = from_float<input_t>(d_raw);
+        static_cast<input_t*>(p.du)[out + i] = from_float<input_t>(d_u[m][i] + dyhat[m][i] * D);
+        dD_sum[m] += dyhat[m][i] * u[m][i];
+        dbias_sum[m] += d_raw;
       }
     }
   }
 
-  // Per-block sums to global memory.
-  if (lm.active) {
-    float* dinitial = static_cast<float*>(p.dinitial_state) + (lm.b * s.dim + lm.e) * N;
+  // Per-row sums of dD and dΔ-bias; per-warp sums of the coupling's gradient.
 #pragma unroll
-    for (int j = 0; j < kMaxStatesPerLane; ++j) {
-      if (!lm.owns(j, N)) continue;
-      dinitial[lm.state(j)] = lambda[j];
-      for (int64_t m = 0; m < M; ++m)
-        atomicAdd(static_cast<float*>(p.dA) + (m * s.dim + lm.e) * N + lm.state(j), slot(dA_acc, m, j));
+  for (int m = 0; m < kMaxM; ++m) {
+    if (m >= M) continue;
+    const float dD_row = segment_sum(dD_sum[m], S), dbias_row = segment_sum(dbias_sum[m], S);
+    const float dw_warp = segment_sum(dw_sum[m], 32);
+    if (rm.seg_lane == 0 && rm.active) {
+      if (p.dD) atomicAdd(static_cast<float*>(p.dD) + m * s.dim + rm.e, dD_row);
+      if (p.ddelta_bias) atomicAdd(static_cast<float*>(p.ddelta_bias) + m * s.dim + rm.e, dbias_row);
     }
-    if (lm.lane == 0)
-      for (int64_t m = 0; m < M; ++m) {
-        if (p.dD) atomicAdd(static_cast<float*>(p.dD) + m * s.dim + lm.e, dD_acc[m * rows + lm.row]);
-        if (p.ddelta_bias)
-          atomicAdd(static_cast<float*>(p.ddelta_bias) + m * s.dim + lm.e, dbias_acc[m * rows + lm.row]);
-      }
-  }
-  __syncthreads();
-  for (int64_t m = tid / 32; m < M; m += T / 32) {  // one warp per modality
-    float sum = 0.f;
-    for (int64_t k = tid % 32; k < T; k += 32) sum += dw_acc[m * T + k];
-    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (tid % 32 == 0) atomicAdd(static_cast<float*>(p.dcoupling) + m, sum);
+    if (threadIdx.x % 32 == 0) atomicAdd(static_cast<float*>(p.dcoupling) + m, dw_warp);
   }
 }
 
-// The largest block (of 256, 128, 64, 32 threads) whose shared memory fits, preferring to
-// keep the dB, dC sums in shared memory.
-BwdSmem choose_layout(const ScanShape& s, RowShape shape, size_t smem_limit) {
-  BwdSmem layout{};
-  layout.M = s.n_modalities;
-  layout.n_states = shape.n_states;
-  layout.padded_N = s.dstate | 1;  // odd row stride: a warp's column accesses hit distinct banks
-  for (bool dBC_in_smem : {true, false})
-    for (int threads : {256, 128, 64, 32}) {
-      layout.threads = threads;
-      layout.rows = threads / shape.R;
-      layout.dBC_in_smem = dBC_in_smem;
-      if (layout.bytes() <= smem_limit) return layout;
-    }
-  layout.threads = 0;  // cannot happen within kMaxDState and kMaxModalities; checked by caller
-  return layout;
-}
-
-template <typename input_t>
+template <typename input_t, typename Tiling>
 cudaError_t launch_bwd(const ScanBwdParams& p, cudaStream_t stream) {
   const ScanShape& s = p.shape;
-  if (s.batch * s.dim == 0) return cudaSuccess;
-  int device = 0, smem_optin = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  // Leave room for two blocks per multiprocessor.
-  const size_t smem_limit = std::min<size_t>(smem_optin, 100 * 1024);
-  const RowShape shape = row_shape(s.dstate);
-  const BwdSmem layout = choose_layout(s, shape, smem_limit);
-  if (layout.threads == 0) return cudaErrorInvalidConfiguration;
-  const int rows_per_block = layout.threads / shape.R;
+  const RowShape shape = row_shape<Tiling>(s.seqlen);
+  const int rows_per_block = kBwdThreads / shape.S;
   const int64_t blocks = s.batch * ((s.dim + rows_per_block - 1) / rows_per_block);
-  cudaError_t err = cudaFuncSetAttribute(coupled_scan_bwd_kernel<input_t>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(layout.bytes()));
-  if (err != cudaSuccess) return err;
-  coupled_scan_bwd_kernel<input_t><<<blocks, layout.threads, layout.bytes(), stream>>>(
-      p, shape.R, shape.n_states, layout);
+  if (blocks == 0 || shape.n_tiles == 0) return cudaSuccess;
+  const size_t smem = (2 * s.n_modalities * shape.tile +
+                       (shape.n_tiles > 1 ? rows_per_block * s.dstate : 0)) * sizeof(float);
+  coupled_scan_bwd_kernel<input_t, Tiling><<<blocks, kBwdThreads, smem, stream>>>(p, shape.S);
   return cudaGetLastError();
 }
 
@@ -267,7 +275,11 @@ cudaError_t launch_bwd(const ScanBwdParams& p, cudaStream_t stream) {
 
 cudaError_t coupled_scan_bwd_cuda(const ScanBwdParams& params, InputDtype dtype,
                                   cudaStream_t stream) {
-  return COUPLED_MAMBA_DISPATCH_INPUT(dtype, [&] { return launch_bwd<input_t>(params, stream); });
+  return COUPLED_MAMBA_DISPATCH_INPUT(dtype, [&] {
+    return params.shape.n_modalities <= BwdSmallTiling::kMaxM
+               ? launch_bwd<input_t, BwdSmallTiling>(params, stream)
+               : launch_bwd<input_t, LargeTiling>(params, stream);
+  });
 }
 
 }  // namespace coupled_mamba

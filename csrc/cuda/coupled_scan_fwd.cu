@@ -1,6 +1,7 @@
-// Forward CUDA kernel of the coupled selective scan. Each lane walks time sequentially with
-// its states in registers (mapping in scan_cuda_common.cuh); the coupled state is saved at
-// every chunk start for backward, and at the end.
+// Forward CUDA kernel of the coupled selective scan (SPEC §1). Thread mapping and tiling in
+// scan_cuda_common.cuh: a segment of lanes per channel, consecutive steps per lane, the
+// state index walked sequentially with one scan over time per state. The coupled state is
+// saved at every chunk start for backward, and at the end.
 #include "coupled_scan_cuda.h"
 #include "scan_cuda_common.cuh"
 
@@ -9,53 +10,147 @@ namespace {
 
 constexpr int kFwdThreads = 128;
 
-template <typename input_t>
+template <typename input_t, typename Tiling>
 __global__ void __launch_bounds__(kFwdThreads)
-    coupled_scan_fwd_kernel(const ScanFwdParams p, int R, int n_states) {
+    coupled_scan_fwd_kernel(const ScanFwdParams p, int S) {
+  constexpr int kMaxM = Tiling::kMaxM, kItems = Tiling::kItems;
   const ScanShape s = p.shape;
-  extern __shared__ float coupling_weights[];  // [M]
-  for (int m = threadIdx.x; m < s.n_modalities; m += blockDim.x)
-    coupling_weights[m] = load_param(p.coupling, m);
-  __syncthreads();
+  const int M = static_cast<int>(s.n_modalities);
+  const int64_t N = s.dstate, L = s.seqlen;
+  const RowMap rm(s, S);
+  const int64_t tile = static_cast<int64_t>(S) * kItems, n_tiles = (L + tile - 1) / tile;
+  // With several tiles the state at the end of one tile starts the next: [rows][N].
+  extern __shared__ float carry_smem[];
+  float* carry = carry_smem + rm.row * N;
+  const bool carried = n_tiles > 1;  // then S == 32: the segment is the whole warp
 
-  const LaneMap lm(s, R, n_states);
-  if (!lm.active) return;  // no barrier below; shuffles use the segment's own mask
-
-  float G[kMaxStatesPerLane], G_next[kMaxStatesPerLane];
+  float w[kMaxM];
 #pragma unroll
-  for (int j = 0; j < kMaxStatesPerLane; ++j)
-    G[j] = lm.owns(j, s.dstate) && p.initial_state.present()
-               ? load_param(p.initial_state, lm.b, lm.e, lm.state(j))
-               : 0.f;
-
-  float* chunk_states = static_cast<float*>(p.chunk_states);
-  const int64_t row_offset = lm.b * s.dim + lm.e;
-  for (int64_t t = 0; t < s.seqlen; ++t) {
-    if (t % kChunkLen == 0) {
-      float* saved = chunk_states + (row_offset * s.n_chunks + t / kChunkLen) * s.dstate;
-#pragma unroll
-      for (int j = 0; j < kMaxStatesPerLane; ++j)
-        if (lm.owns(j, s.dstate)) saved[lm.state(j)] = G[j];
-    }
-    advance_states<input_t, true>(p, lm, t, coupling_weights, G, G_next);
-#pragma unroll
-    for (int j = 0; j < kMaxStatesPerLane; ++j) G[j] = G_next[j];
+  for (int m = 0; m < kMaxM; ++m) w[m] = m < M ? load_param(p.coupling, m) : 0.f;
+  const auto initial_state = [&](int64_t n) {
+    return rm.active && p.initial_state.present() ? load_param(p.initial_state, rm.b, rm.e, n) : 0.f;
+  };
+  if (carried) {
+    for (int64_t n = rm.seg_lane; n < N; n += S) carry[n] = initial_state(n);
+    __syncwarp();
   }
-  float* final_state = static_cast<float*>(p.final_state) + row_offset * s.dstate;
+  const int64_t row_offset = rm.b * s.dim + rm.e;
+  float* chunk_states = static_cast<float*>(p.chunk_states) + row_offset * s.n_chunks * N;
+  float* final_state = static_cast<float*>(p.final_state) + row_offset * N;
+
+  for (int64_t k = 0; k < n_tiles; ++k) {
+    const int64_t t_first = k * tile + static_cast<int64_t>(rm.seg_lane) * kItems;
+    bool valid[kItems];
 #pragma unroll
-  for (int j = 0; j < kMaxStatesPerLane; ++j)
-    if (lm.owns(j, s.dstate)) final_state[lm.state(j)] = G[j];
+    for (int i = 0; i < kItems; ++i) valid[i] = rm.active && t_first + i < L;
+
+    // Per (modality, step): Δ, Δ·u and the output accumulator ŷ (starting at D·u).
+    float step[kMaxM][kItems], drive[kMaxM][kItems], y[kMaxM][kItems];
+#pragma unroll
+    for (int m = 0; m < kMaxM; ++m) {
+      float raw[kItems] = {}, u[kItems] = {};
+      float bias = 0.f, D = 0.f;
+      if (m < M && rm.active) {
+        load_items<input_t>(p.delta, m, rm.b, rm.e, t_first, L, raw);
+        load_items<input_t>(p.u, m, rm.b, rm.e, t_first, L, u);
+        if (p.delta_bias.present()) bias = load_param(p.delta_bias, m, rm.e);
+        if (p.D.present()) D = load_param(p.D, m, rm.e);
+      }
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        step[m][i] = valid[i] ? step_size(raw[i], bias, p.delta_softplus) : 0.f;
+        drive[m][i] = step[m][i] * u[i];
+        y[m][i] = D * u[i];
+      }
+    }
+
+    for (int64_t n = 0; n < N; ++n) {
+      // This lane's steps: a_m = exp(Δ_m·A_m), b_m = Δ_m·B_m·u_m and the coupled map
+      // G -> P·G + U of each step (identity past the end of the sequence).
+      float decay[kMaxM][kItems], drive_B[kMaxM][kItems], P[kItems], U[kItems];
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) P[i] = U[i] = 0.f;
+#pragma unroll
+      for (int m = 0; m < kMaxM; ++m) {
+        if (m >= M) continue;
+        float B[kItems] = {};
+        float A_log2 = 0.f;
+        if (rm.active) {
+          load_items<input_t>(p.B, m, rm.b, n, t_first, L, B);
+          A_log2 = load_param(p.A, m, rm.e, n) * kLog2e;
+        }
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) {
+          decay[m][i] = exp2_approx(step[m][i] * A_log2);
+          drive_B[m][i] = drive[m][i] * B[i];
+          P[i] += w[m] * decay[m][i];
+          U[i] += w[m] * drive_B[m][i];
+        }
+      }
+      float P_lane = 1.f, U_lane = 0.f;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        if (!valid[i]) P[i] = 1.f, U[i] = 0.f;
+        U_lane = P[i] * U_lane + U[i];
+        P_lane = P[i] * P_lane;
+      }
+      exclusive_scan_forward(P_lane, U_lane, rm.seg_lane, S);
+      float G = P_lane * (carried ? carry[n] : initial_state(n)) + U_lane;  // G[t_first - 1]
+
+      float G_prev[kItems];
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int64_t t = t_first + i;
+        if (valid[i] && t % kChunkLen == 0) chunk_states[(t / kChunkLen) * N + n] = G;
+        G_prev[i] = G;
+        G = P[i] * G + U[i];
+      }
+#pragma unroll
+      for (int m = 0; m < kMaxM; ++m) {
+        if (m >= M || !rm.active) continue;
+        float C[kItems];
+        load_items<input_t>(p.C, m, rm.b, n, t_first, L, C);
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) y[m][i] += C[i] * (decay[m][i] * G_prev[i] + drive_B[m][i]);  // C·h
+      }
+      // The segment's last lane now holds the state after the tile.
+      if (carried) {
+        __syncwarp();  // every lane has read carry[n]
+        if (rm.seg_lane == S - 1) carry[n] = G;
+      }
+      if (k == n_tiles - 1 && rm.seg_lane == S - 1 && rm.active) final_state[n] = G;
+    }
+
+#pragma unroll
+    for (int m = 0; m < kMaxM; ++m) {
+      if (m >= M || !rm.active) continue;
+      float z[kItems] = {};
+      if (p.z.present()) load_items<input_t>(p.z, m, rm.b, rm.e, t_first, L, z);
+      const int64_t out = ((m * s.batch + rm.b) * s.dim + rm.e) * L + t_first;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        if (!valid[i]) continue;
+        if (p.z.present()) {
+          static_cast<input_t*>(p.y_ungated)[out + i] = from_float<input_t>(y[m][i]);
+          static_cast<input_t*>(p.y)[out + i] = from_float<input_t>(y[m][i] * silu(z[i]));
+        } else {
+          static_cast<input_t*>(p.y)[out + i] = from_float<input_t>(y[m][i]);
+        }
+      }
+    }
+    if (carried) __syncwarp();  // carry[] written by the last lane, read by all next tile
+  }
 }
 
-template <typename input_t>
+template <typename input_t, typename Tiling>
 cudaError_t launch_fwd(const ScanFwdParams& p, cudaStream_t stream) {
   const ScanShape& s = p.shape;
-  const RowShape shape = row_shape(s.dstate);
-  const int rows_per_block = kFwdThreads / shape.R;
+  const RowShape shape = row_shape<Tiling>(s.seqlen);
+  const int rows_per_block = kFwdThreads / shape.S;
   const int64_t blocks = s.batch * ((s.dim + rows_per_block - 1) / rows_per_block);
-  if (blocks == 0) return cudaSuccess;
-  const size_t smem = s.n_modalities * sizeof(float);
-  coupled_scan_fwd_kernel<input_t><<<blocks, kFwdThreads, smem, stream>>>(p, shape.R, shape.n_states);
+  if (blocks == 0 || shape.n_tiles == 0) return cudaSuccess;
+  const size_t smem = shape.n_tiles > 1 ? rows_per_block * s.dstate * sizeof(float) : 0;
+  coupled_scan_fwd_kernel<input_t, Tiling><<<blocks, kFwdThreads, smem, stream>>>(p, shape.S);
   return cudaGetLastError();
 }
 
@@ -63,7 +158,11 @@ cudaError_t launch_fwd(const ScanFwdParams& p, cudaStream_t stream) {
 
 cudaError_t coupled_scan_fwd_cuda(const ScanFwdParams& params, InputDtype dtype,
                                   cudaStream_t stream) {
-  return COUPLED_MAMBA_DISPATCH_INPUT(dtype, [&] { return launch_fwd<input_t>(params, stream); });
+  return COUPLED_MAMBA_DISPATCH_INPUT(dtype, [&] {
+    return params.shape.n_modalities <= SmallTiling::kMaxM
+               ? launch_fwd<input_t, SmallTiling>(params, stream)
+               : launch_fwd<input_t, LargeTiling>(params, stream);
+  });
 }
 
 }  // namespace coupled_mamba

@@ -1,11 +1,15 @@
 // Device helpers shared by the CUDA forward and backward kernels.
 //
-// Thread mapping (docs/kernels.md): one channel (b, e) is a "row", owned by a segment of R
-// lanes of one warp, R = min(32, next power of two >= N). Lane l of the segment owns the
-// states n = l, l + R, l + 2R, ... (at most kMaxStatesPerLane of them) and walks time
-// sequentially, keeping its states in registers. Sums over n (the output ŷ, and dΔ, du in
-// backward) are butterfly reductions inside the segment. All rows of a block share the
-// batch index b.
+// Thread mapping (docs/kernels.md): one channel (b, e) is a "row", owned by a segment of S
+// consecutive lanes of one warp (S a power of two, at most 32). The row's time axis is cut
+// into tiles of S·kItems steps; in a tile, segment lane l owns the kItems consecutive steps
+// starting at l·kItems and keeps everything per (modality, step) in registers. The state
+// index n is walked sequentially: for each n the coupled recurrence
+//   G[t] = P[t]·G[t-1] + U[t],   P = Σ_m w_m·a_m,  U = Σ_m w_m·Δ_m·B_m·u_m
+// is one scan over time, done as a sequential scan of the lane's own steps followed by a
+// shuffle scan across the segment. The tile's state carries to the next tile through
+// shared memory. All rows of a block share the batch index b, so that backward can sum
+// dB and dC over the block's channels before its global atomics.
 #pragma once
 #include <cstdint>
 
@@ -18,8 +22,22 @@
 
 namespace coupled_mamba {
 
-constexpr int kMaxStatesPerLane = kMaxDState / 32;
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Register tiling of the per-(modality, step) values: a thread holds kMaxM × kItems of each.
+// Two instantiations keep compile time down: up to 4 modalities with 4 steps per lane (the
+// common case), and up to kMaxModalities with 2 steps per lane (registers spill there; it
+// is correct but slower). A full segment's tile (32·kItems steps) is a whole number of
+// chunks, so backward can start every tile from a chunk state saved by forward.
+template <int kMaxM_, int kItems_>
+struct ScanTiling {
+  static constexpr int kMaxM = kMaxM_;
+  static constexpr int kItems = kItems_;
+  static_assert((32 * kItems) % kChunkLen == 0, "a full tile must hold whole chunks");
+};
+using SmallTiling = ScanTiling<4, 4>;
+using LargeTiling = ScanTiling<kMaxModalities, 2>;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -36,14 +54,6 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
-template <typename T>
-__device__ __forceinline__ float load4(const TensorArg& a, int64_t i0, int64_t i1, int64_t i2,
-                                       int64_t i3) {
-  const T* ptr = static_cast<const T*>(a.data) + i0 * a.stride[0] + i1 * a.stride[1] +
-                 i2 * a.stride[2] + i3 * a.stride[3];
-  return to_float(__ldg(ptr));
-}
-
 // A float32 argument: parameters, states.
 __device__ __forceinline__ float load_param(const TensorArg& a, int64_t i0, int64_t i1 = 0,
                                             int64_t i2 = 0, int64_t i3 = 0) {
@@ -58,100 +68,119 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
-// Where this thread sits: which row (channel) and which states it owns.
-struct LaneMap {
-  int R;          // lanes per row
-  int n_states;   // states per lane (ceil(N / R))
-  int lane;       // index inside the row's segment
+// kItems consecutive elements of one input row, for the steps t_first, t_first+1, ...;
+// steps at or past `seqlen` read as 0. The row is a[i0, i1, i2, :]. One vector load when
+// the row is contiguous in time and the address is aligned, else one load per element.
+template <typename T, int K>
+struct alignas(sizeof(T) * K) Packed {
+  T v[K];
+};
+
+template <typename T, int K>
+__device__ __forceinline__ void load_items(const TensorArg& a, int64_t i0, int64_t i1, int64_t i2,
+                                           int64_t t_first, int64_t seqlen, float (&out)[K]) {
+  const T* row = static_cast<const T*>(a.data) + i0 * a.stride[0] + i1 * a.stride[1] +
+                 i2 * a.stride[2];
+  const T* first = row + t_first * a.stride[3];
+  if (a.stride[3] == 1 && t_first + K <= seqlen &&
+      reinterpret_cast<uintptr_t>(first) % sizeof(Packed<T, K>) == 0) {
+    const Packed<T, K> packed = *reinterpret_cast<const Packed<T, K>*>(first);
+#pragma unroll
+    for (int i = 0; i < K; ++i) out[i] = to_float(packed.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < K; ++i)
+      out[i] = t_first + i < seqlen ? to_float(__ldg(first + i * a.stride[3])) : 0.f;
+  }
+}
+
+// Where this thread sits: its row (channel) and its place in the row's segment.
+struct RowMap {
+  int S;          // lanes per row
+  int seg_lane;   // index inside the row's segment
   int row;        // row inside the block
-  unsigned mask;  // the segment's lanes, for the shuffles
   int64_t b, e;
   bool active;    // e < dim (the last block of a batch index may run past dim)
 
-  __device__ LaneMap(const ScanShape& s, int R_, int n_states_) : R(R_), n_states(n_states_) {
-    const int rows_per_block = blockDim.x / R;
+  __device__ RowMap(const ScanShape& s, int S_) : S(S_) {
+    const int rows_per_block = blockDim.x / S;
     const int64_t blocks_per_batch = (s.dim + rows_per_block - 1) / rows_per_block;
-    row = threadIdx.x / R;
-    lane = threadIdx.x % R;
+    row = threadIdx.x / S;
+    seg_lane = threadIdx.x % S;
     b = blockIdx.x / blocks_per_batch;
     e = (blockIdx.x % blocks_per_batch) * rows_per_block + row;
     active = e < s.dim;
-    const int first_lane = (threadIdx.x % 32) / R * R;
-    mask = R == 32 ? 0xffffffffu : ((1u << R) - 1u) << first_lane;
   }
-  // Whether slot j of this lane holds a state, and which one.
-  __device__ bool owns(int j, int64_t N) const { return j < n_states && lane + R * j < N; }
-  __device__ int64_t state(int j) const { return lane + static_cast<int64_t>(R) * j; }
 };
 
-// Sum of v over the R lanes of the segment; every lane gets the total.
-__device__ __forceinline__ float segment_sum(float v, const LaneMap& lm) {
-  for (int offset = lm.R / 2; offset > 0; offset >>= 1)
-    v += __shfl_xor_sync(lm.mask, v, offset);
+// The affine maps x -> P·x + U of consecutive steps compose as
+//   (then ∘ first) = (P_then·P_first, P_then·U_first + U_then).
+// Exclusive scan of the segment's maps in lane order: on return (P, U) is the composition
+// of the maps of the lanes before this one (identity on lane 0). Every lane of the warp
+// must call it (full-mask shuffles; segments are aligned groups of S lanes).
+__device__ __forceinline__ void exclusive_scan_forward(float& P, float& U, int seg_lane, int S) {
+  for (int offset = 1; offset < S; offset <<= 1) {
+    const float P_before = __shfl_up_sync(kFullMask, P, offset, S);
+    const float U_before = __shfl_up_sync(kFullMask, U, offset, S);
+    if (seg_lane >= offset) {
+      U = P * U_before + U;
+      P = P * P_before;
+    }
+  }
+  const float P_excl = __shfl_up_sync(kFullMask, P, 1, S);
+  const float U_excl = __shfl_up_sync(kFullMask, U, 1, S);
+  P = seg_lane == 0 ? 1.f : P_excl;
+  U = seg_lane == 0 ? 0.f : U_excl;
+}
+
+// The same in reverse lane order (for the adjoint recurrence, which runs back in time): on
+// return (P, U) composes the maps of the lanes after this one, the last lane's applied
+// first (identity on the segment's last lane).
+__device__ __forceinline__ void exclusive_scan_reverse(float& P, float& U, int seg_lane, int S) {
+  for (int offset = 1; offset < S; offset <<= 1) {
+    const float P_after = __shfl_down_sync(kFullMask, P, offset, S);
+    const float U_after = __shfl_down_sync(kFullMask, U, offset, S);
+    if (seg_lane + offset < S) {
+      U = P * U_after + U;
+      P = P * P_after;
+    }
+  }
+  const float P_excl = __shfl_down_sync(kFullMask, P, 1, S);
+  const float U_excl = __shfl_down_sync(kFullMask, U, 1, S);
+  P = seg_lane == S - 1 ? 1.f : P_excl;
+  U = seg_lane == S - 1 ? 0.f : U_excl;
+}
+
+// Sum of v over the S lanes of the segment; every lane gets the total.
+__device__ __forceinline__ float segment_sum(float v, int S) {
+  for (int offset = S / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset, S);
   return v;
 }
 
-// Launch shape shared by forward and backward: lanes per row and states per lane.
+// Launch shape shared by forward and backward: the smallest segment whose tile covers the
+// sequence, at most a warp; longer sequences take several tiles of 32·kItems steps.
 struct RowShape {
-  int R, n_states;
+  int S;            // lanes per row
+  int64_t tile;     // steps per tile, S·kItems
+  int64_t n_tiles;  // ceil(L / tile)
 };
-inline RowShape row_shape(int64_t N) {
-  int R = 1;
-  while (R < N && R < 32) R *= 2;
-  return {R, static_cast<int>((N + R - 1) / R)};
-}
-
-// One time step of this lane's states: G_next[j] = Σ_m w_m · h_m[j] from G_prev, where
-// h_m = exp(Δ_m·A_m)·G_prev + Δ_m·B_m·u_m. With kWriteOutput (forward) also forms
-// ŷ_m = Σ_n C·h_m + D·u_m over the segment and writes y (and ŷ when there is a gate).
-template <typename input_t, bool kWriteOutput, typename Params>
-__device__ __forceinline__ void advance_states(const Params& p, const LaneMap& lm, int64_t t,
-                                               const float* w, const float (&G_prev)[kMaxStatesPerLane],
-                                               float (&G_next)[kMaxStatesPerLane]) {
-  const ScanShape& s = p.shape;
-#pragma unroll
-  for (int j = 0; j < kMaxStatesPerLane; ++j) G_next[j] = 0.f;
-  for (int64_t m = 0; m < s.n_modalities; ++m) {
-    const float raw = load4<input_t>(p.delta, m, lm.b, lm.e, t);
-    const float bias = p.delta_bias.present() ? load_param(p.delta_bias, m, lm.e) : 0.f;
-    const float step = step_size(raw, bias, p.delta_softplus);
-    const float u = load4<input_t>(p.u, m, lm.b, lm.e, t);
-    const float drive = step * u, step_log2 = step * kLog2e, w_m = w[m];
-    float y_part = 0.f;
-#pragma unroll
-    for (int j = 0; j < kMaxStatesPerLane; ++j) {
-      if (!lm.owns(j, s.dstate)) continue;
-      const int64_t n = lm.state(j);
-      const float decay = exp2_approx(step_log2 * load_param(p.A, m, lm.e, n));
-      const float h = modality_state(decay, G_prev[j], drive, load4<input_t>(p.B, m, lm.b, n, t));
-      G_next[j] += w_m * h;
-      if (kWriteOutput) y_part += load4<input_t>(p.C, m, lm.b, n, t) * h;
-    }
-    if constexpr (kWriteOutput) {
-      const float y_hat = segment_sum(y_part, lm) + (p.D.present() ? load_param(p.D, m, lm.e) * u : 0.f);
-      if (lm.lane == 0) {
-        const int64_t i = ((m * s.batch + lm.b) * s.dim + lm.e) * s.seqlen + t;
-        if (p.z.present()) {
-          const float z = load4<input_t>(p.z, m, lm.b, lm.e, t);
-          static_cast<input_t*>(p.y_ungated)[i] = from_float<input_t>(y_hat);
-          static_cast<input_t*>(p.y)[i] = from_float<input_t>(y_hat * silu(z));
-        } else {
-          static_cast<input_t*>(p.y)[i] = from_float<input_t>(y_hat);
-        }
-      }
-    }
-  }
+template <typename Tiling>
+inline RowShape row_shape(int64_t seqlen) {
+  int S = 1;
+  while (S < 32 && static_cast<int64_t>(S) * Tiling::kItems < seqlen) S *= 2;
+  const int64_t tile = static_cast<int64_t>(S) * Tiling::kItems;
+  return {S, tile, seqlen == 0 ? 0 : (seqlen + tile - 1) / tile};
 }
 
 // Dispatch on the input dtype to a launcher templated on the CUDA type.
-#define COUPLED_MAMBA_DISPATCH_INPUT(dtype, ...)                       \
-  [&] {                                                                \
-    switch (dtype) {                                                   \
+#define COUPLED_MAMBA_DISPATCH_INPUT(dtype, ...)                                           \
+  [&] {                                                                                    \
+    switch (dtype) {                                                                       \
       case InputDtype::kFloat32: { using input_t = float; return __VA_ARGS__(); }          \
       case InputDtype::kFloat16: { using input_t = __half; return __VA_ARGS__(); }         \
       case InputDtype::kBFloat16: { using input_t = __nv_bfloat16; return __VA_ARGS__(); } \
-    }                                                                  \
-    return cudaErrorInvalidValue;                                      \
+    }                                                                                      \
+    return cudaErrorInvalidValue;                                                          \
   }()
 
 }  // namespace coupled_mamba
