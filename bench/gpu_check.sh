@@ -9,7 +9,8 @@
 #
 # Environment: OUT (log folder), GPU_CHECK_BUDGET (seconds for everything, default 480),
 # GPU_CHECK_PYTEST_ARGS (default "-x -q -rs": stop at the first CUDA failure),
-# GPU_CHECK_BWD_VARIANTS (backward build variants to time, default "128:3 256:2").
+# GPU_CHECK_BWD_VARIANTS (backward build variants to time, default "256:1 128:3"),
+# GPU_CHECK_SKIP_MODEL=1 (no model benchmark).
 # At most 8 files are written to $OUT (the device tool returns no more).
 set -u
 cd "$(dirname "$0")/.."
@@ -81,10 +82,12 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH}
 # The device image's default compiler (/opt/gcc/bin/g++, a wrapper) links libstdc++
 # statically into the extension; every C++ exception (an argument error) then crashes the
 # process (seen 2026-11-27 on an H200). Build with the system g++ when there is one.
-if [[ -z ${CXX:-} && -x /usr/bin/g++ ]]; then
+# The image sets CXX to that wrapper, so the system compiler is chosen whatever CXX says
+# (GPU_CHECK_KEEP_CXX=1 keeps the environment's).
+if [[ -z ${GPU_CHECK_KEEP_CXX:-} && -x /usr/bin/g++ ]]; then
   export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
 fi
-log "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=$CUDA_HOME"
+log "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=$CUDA_HOME CXX=${CXX:-}"
 
 # ---------------------------------------------------------------------------- build
 if ! run_stage build 300 "$OUT/build.log" env FORCE_CUDA=1 python3 setup.py build_ext --inplace; then
@@ -113,7 +116,7 @@ run_stage cpu-smoke 60 "$OUT/pytest_cpu.log" python3 -m pytest -q -m "not cuda" 
 # ---------------------------------------------------------------------------- benchmarks
 run_stage bench-scan 150 "$OUT/bench_scan.log" python3 bench/bench_scan.py --device cuda \
   --json "$OUT/bench_scan.json"
-if [[ -f bench/bench_model.py ]]; then
+if [[ -z ${GPU_CHECK_SKIP_MODEL:-} ]]; then
   # Its figures go elsewhere: only 8 files come back from $OUT.
   run_stage bench-model 120 "$OUT/bench_model.log" python3 bench/bench_model.py --device cuda \
     --json "$OUT/bench_model.json" --out "${TMPDIR:-/tmp}/bench_model_out"
@@ -125,7 +128,8 @@ fi
 # timed alone (bf16, no reference); its table goes to the summary. Last, because the
 # in-place build is then the last variant's. GPU_CHECK_BWD_VARIANTS="" skips this.
 VARIANT_TABLES=""
-for variant in ${GPU_CHECK_BWD_VARIANTS-"128:3 256:2"}; do
+VARIANTS=${GPU_CHECK_BWD_VARIANTS-256:1 128:3}
+for variant in $VARIANTS; do
   threads=${variant%%:*} blocks=${variant##*:}
   touch csrc/cuda/coupled_scan_bwd.cu
   vlog="${TMPDIR:-/tmp}/bwd_variant_${threads}_${blocks}.log"

@@ -27,13 +27,13 @@ namespace {
 // registers per thread) are build-time knobs for tuning on a card, e.g.
 // NVCC_APPEND_FLAGS="-DCOUPLED_MAMBA_BWD_THREADS=128 -DCOUPLED_MAMBA_BWD_MIN_BLOCKS=3".
 // More rows per block means fewer global atomics for dB and dC (they are summed over the
-// block's rows first); uncapped, a thread takes about 240 registers (one 256-thread block
-// per multiprocessor).
+// block's rows first). Uncapped, a thread takes about 170 registers (one 256-thread block
+// per multiprocessor); two blocks cap it at 128, with a few spilled.
 #ifndef COUPLED_MAMBA_BWD_THREADS
 #define COUPLED_MAMBA_BWD_THREADS 256
 #endif
 #ifndef COUPLED_MAMBA_BWD_MIN_BLOCKS
-#define COUPLED_MAMBA_BWD_MIN_BLOCKS 1
+#define COUPLED_MAMBA_BWD_MIN_BLOCKS 2
 #endif
 constexpr int kBwdThreads = COUPLED_MAMBA_BWD_THREADS;
 // Backward holds more per (modality, step) than forward (dΔ and du accumulators, B and C of
@@ -42,7 +42,7 @@ using BwdSmallTiling = ScanTiling<4, 2>;
 
 template <typename input_t, typename Tiling>
 __global__ void __launch_bounds__(kBwdThreads, COUPLED_MAMBA_BWD_MIN_BLOCKS)
-    coupled_scan_bwd_kernel(const ScanBwdParams p, int S) {
+    coupled_scan_bwd_kernel(const ScanBwdParams p, int S, StateStage stage) {
   constexpr int kMaxM = Tiling::kMaxM, kItems = Tiling::kItems;
   const ScanShape s = p.shape;
   const int M = static_cast<int>(s.n_modalities);
@@ -51,12 +51,17 @@ __global__ void __launch_bounds__(kBwdThreads, COUPLED_MAMBA_BWD_MIN_BLOCKS)
   const int64_t tile = static_cast<int64_t>(S) * kItems, n_tiles = (L + tile - 1) / tile;
   const bool carried = n_tiles > 1;  // then S == 32: the segment is the whole warp
 
-  // Shared memory: the dB and dC sums of one state over the block's rows, [2][M][tile];
-  // with several tiles, λ carried from one tile to the previous, [rows][N].
+  // Shared memory: the staged states (StateStage); the dB and dC sums of the staged states
+  // over the block's rows, [2][M][group][tile]; with several tiles, λ carried from one
+  // tile to the previous, [rows][N].
   extern __shared__ float smem[];
-  float* dBC_tile = smem;
-  float* carry = smem + 2 * M * tile + rm.row * N;
-  for (int64_t j = threadIdx.x; j < 2 * M * tile; j += blockDim.x) dBC_tile[j] = 0.f;
+  float* dBC_acc = smem + stage.floats();
+  const int dBC_floats = 2 * M * stage.group * stage.tile;
+  float* carry = dBC_acc + dBC_floats + rm.row * N;
+  for (int j = threadIdx.x; j < dBC_floats; j += blockDim.x) dBC_acc[j] = 0.f;
+  const auto dBC_at = [&](bool is_C, int m, int nn) {
+    return dBC_acc + ((is_C ? M + m : m) * stage.group + nn) * stage.tile;
+  };
 
   float w[kMaxM];
 #pragma unroll
@@ -113,114 +118,118 @@ __global__ void __launch_bounds__(kBwdThreads, COUPLED_MAMBA_BWD_MIN_BLOCKS)
       }
     }
 
-    for (int64_t n = 0; n < N; ++n) {
-      float A[kMaxM], B[kMaxM][kItems], C[kMaxM][kItems], decay[kMaxM][kItems];
-      float P[kItems], U[kItems], Q[kItems];
+    for (int64_t n0 = 0; n0 < N; n0 += stage.group) {
+      const int count = static_cast<int>(min(static_cast<int64_t>(stage.group), N - n0));
+      __syncthreads();  // the previous group's reads and flush are done
+      stage_states<input_t>(stage, smem, p.B, p.C, p.A, rm.b, rm.e_first, s.dim, n0, count, t0, L);
+      __syncthreads();
+      for (int nn = 0; nn < count; ++nn) {
+        const int64_t n = n0 + nn;
+        float A[kMaxM], B[kMaxM][kItems], C[kMaxM][kItems], decay[kMaxM][kItems];
+        float P[kItems], U[kItems], Q[kItems];
 #pragma unroll
-      for (int i = 0; i < kItems; ++i) P[i] = U[i] = Q[i] = 0.f;
+        for (int i = 0; i < kItems; ++i) P[i] = U[i] = Q[i] = 0.f;
 #pragma unroll
-      for (int m = 0; m < kMaxM; ++m) {
-        A[m] = 0.f;
+        for (int m = 0; m < kMaxM; ++m) {
+          if (m >= M) continue;
+          A[m] = smem[stage.A_at(rm.row, m, nn)];
+          load_staged(smem + stage.B_at(m, nn) + rm.seg_lane * kItems, B[m]);
+          load_staged(smem + stage.C_at(m, nn) + rm.seg_lane * kItems, C[m]);
+          const float A_log2 = A[m] * kLog2e;
 #pragma unroll
-        for (int i = 0; i < kItems; ++i) B[m][i] = C[m][i] = 0.f;
-        if (m >= M) continue;
-        if (rm.active) {
-          A[m] = load_param(p.A, m, rm.e, n);
-          load_items<input_t>(p.B, m, rm.b, n, t_first, L, B[m]);
-          load_items<input_t>(p.C, m, rm.b, n, t_first, L, C[m]);
-        }
-#pragma unroll
-        for (int i = 0; i < kItems; ++i) {
-          decay[m][i] = exp2_approx(step[m][i] * A[m] * kLog2e);
-          P[i] += w[m] * decay[m][i];
-          U[i] += w[m] * step[m][i] * B[m][i] * u[m][i];
-          Q[i] += decay[m][i] * dyhat[m][i] * C[m][i];
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kItems; ++i)
-        if (!valid[i]) P[i] = 1.f, U[i] = Q[i] = 0.f;
-
-      // 1. G[t-1] of this lane's steps, from the chunk state at the tile's start.
-      float P_lane = 1.f, U_lane = 0.f;
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        U_lane = P[i] * U_lane + U[i];
-        P_lane = P[i] * P_lane;
-      }
-      exclusive_scan_forward(P_lane, U_lane, rm.seg_lane, S);
-      const float G_start = rm.active ? load_param(p.chunk_states, rm.b, rm.e, t0 / kChunkLen, n) : 0.f;
-      float G_prev[kItems];
-      float G = P_lane * G_start + U_lane;
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        G_prev[i] = G;
-        G = P[i] * G + U[i];
-      }
-
-      // 2. λ after this lane's last step, from the λ after the tile.
-      float P_rev = 1.f, Q_rev = 0.f;
-#pragma unroll
-      for (int i = kItems - 1; i >= 0; --i) {
-        Q_rev = P[i] * Q_rev + Q[i];
-        P_rev = P[i] * P_rev;
-      }
-      exclusive_scan_reverse(P_rev, Q_rev, rm.seg_lane, S);
-      float lambda = P_rev * (carried ? carry[n] : final_state_grad(n)) + Q_rev;
-
-      // 3. Gradients, walking this lane's steps back: lambda = dℓ/dG[t].
-      float dA_part[kMaxM] = {};
-#pragma unroll
-      for (int i = kItems - 1; i >= 0; --i) {
-        if (valid[i]) {
-          const int t_tile = static_cast<int>(t_first + i - t0);
-#pragma unroll
-          for (int m = 0; m < kMaxM; ++m) {
-            if (m >= M) continue;
-            const float mu = dyhat[m][i] * C[m][i] + w[m] * lambda;  // dℓ/dh
-            const ModalityStateGrad<float> g =
-                modality_state_grad(mu, decay[m][i], G_prev[i], step[m][i], A[m], B[m][i], u[m][i]);
-            const float h = modality_state(decay[m][i], G_prev[i], step[m][i] * u[m][i], B[m][i]);
-            d_step[m][i] += g.d_step;
-            d_u[m][i] += g.d_u;
-            dA_part[m] += g.d_A;
-            dw_sum[m] += lambda * h;
-            atomicAdd(dBC_tile + m * tile + t_tile, g.d_B);
-            atomicAdd(dBC_tile + (M + m) * tile + t_tile, dyhat[m][i] * h);
+          for (int i = 0; i < kItems; ++i) {
+            decay[m][i] = exp2_approx(step[m][i] * A_log2);
+            P[i] += w[m] * decay[m][i];
+            U[i] += w[m] * step[m][i] * B[m][i] * u[m][i];
+            Q[i] += decay[m][i] * dyhat[m][i] * C[m][i];
           }
         }
-        lambda = P[i] * lambda + Q[i];
-      }
-      // The segment's first lane now holds λ[t0 - 1]: carried to the previous tile, and at
-      // the first tile the gradient of the initial state.
-      if (carried) {
-        __syncwarp();  // every lane has read carry[n]
-        if (rm.seg_lane == 0) carry[n] = lambda;
-      }
-      if (k == 0 && rm.seg_lane == 0 && rm.active) dinitial_state[n] = lambda;
 #pragma unroll
-      for (int m = 0; m < kMaxM; ++m) {
-        if (m >= M) continue;
-        const float v = segment_sum(dA_part[m], S);
-        if (rm.seg_lane == 0 && rm.active) atomicAdd(dA + (m * s.dim + rm.e) * N + n, v);
+        for (int i = 0; i < kItems; ++i)
+          if (!valid[i]) P[i] = 1.f, U[i] = Q[i] = 0.f;
+
+        // 1. G[t-1] of this lane's steps, from the chunk state at the tile's start.
+        float P_lane = 1.f, U_lane = 0.f;
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) {
+          U_lane = P[i] * U_lane + U[i];
+          P_lane = P[i] * P_lane;
+        }
+        exclusive_scan_forward(P_lane, U_lane, rm.seg_lane, S);
+        const float G_start =
+            rm.active ? load_param(p.chunk_states, rm.b, rm.e, t0 / kChunkLen, n) : 0.f;
+        float G_prev[kItems];
+        float G = P_lane * G_start + U_lane;
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) {
+          G_prev[i] = G;
+          G = P[i] * G + U[i];
+        }
+
+        // 2. λ after this lane's last step, from the λ after the tile.
+        float P_rev = 1.f, Q_rev = 0.f;
+#pragma unroll
+        for (int i = kItems - 1; i >= 0; --i) {
+          Q_rev = P[i] * Q_rev + Q[i];
+          P_rev = P[i] * P_rev;
+        }
+        exclusive_scan_reverse(P_rev, Q_rev, rm.seg_lane, S);
+        float lambda = P_rev * (carried ? carry[n] : final_state_grad(n)) + Q_rev;
+
+        // 3. Gradients, walking this lane's steps back: lambda = dℓ/dG[t].
+        float dA_part[kMaxM] = {};
+#pragma unroll
+        for (int i = kItems - 1; i >= 0; --i) {
+          if (valid[i]) {
+            const int t_tile = static_cast<int>(t_first + i - t0);
+#pragma unroll
+            for (int m = 0; m < kMaxM; ++m) {
+              if (m >= M) continue;
+              const float mu = dyhat[m][i] * C[m][i] + w[m] * lambda;  // dℓ/dh
+              const ModalityStateGrad<float> g = modality_state_grad(
+                  mu, decay[m][i], G_prev[i], step[m][i], A[m], B[m][i], u[m][i]);
+              const float h = modality_state(decay[m][i], G_prev[i], step[m][i] * u[m][i], B[m][i]);
+              d_step[m][i] += g.d_step;
+              d_u[m][i] += g.d_u;
+              dA_part[m] += g.d_A;
+              dw_sum[m] += lambda * h;
+              atomicAdd(dBC_at(false, m, nn) + t_tile, g.d_B);
+              atomicAdd(dBC_at(true, m, nn) + t_tile, dyhat[m][i] * h);
+            }
+          }
+          lambda = P[i] * lambda + Q[i];
+        }
+        // The segment's first lane now holds λ[t0 - 1]: carried to the previous tile, and at
+        // the first tile the gradient of the initial state.
+        if (carried) {
+          __syncwarp();  // every lane has read carry[n]
+          if (rm.seg_lane == 0) carry[n] = lambda;
+        }
+        if (k == 0 && rm.seg_lane == 0 && rm.active) dinitial_state[n] = lambda;
+#pragma unroll
+        for (int m = 0; m < kMaxM; ++m) {
+          if (m >= M) continue;
+          const float v = segment_sum(dA_part[m], S);
+          if (rm.seg_lane == 0 && rm.active) atomicAdd(dA + (m * s.dim + rm.e) * N + n, v);
+        }
       }
 
-      // dB, dC of state n over the tile, summed over the block's rows: to global memory.
+      // dB, dC of the staged states over the tile, summed over the block's rows: to global
+      // memory, one atomic per element.
       __syncthreads();
       const int steps = static_cast<int>(tile_len);
-      for (int j = threadIdx.x; j < 2 * M * steps; j += blockDim.x) {
-        const int dt = j % steps, which_m = j / steps;  // which_m: dB of m = 0..M-1, then dC
-        float* acc = dBC_tile + which_m * static_cast<int>(tile) + dt;
+      for (int j = threadIdx.x; j < 2 * M * count * steps; j += blockDim.x) {
+        const int dt = j % steps, rest = j / steps, nn = rest % count, which_m = rest / count;
+        const bool is_C = which_m >= M;
+        const int m = is_C ? which_m - M : which_m;
+        float* acc = dBC_at(is_C, m, nn) + dt;
         const float v = *acc;
         *acc = 0.f;
-        const int64_t m = which_m % M;
-        float* out = which_m < M ? dB : dC;
         if (v != 0.f)
-          atomicAdd(out + m * p.dBC_stride[0] + rm.b * p.dBC_stride[1] + n * p.dBC_stride[2] +
-                        (t0 + dt) * p.dBC_stride[3],
+          atomicAdd((is_C ? dC : dB) + m * p.dBC_stride[0] + rm.b * p.dBC_stride[1] +
+                        (n0 + nn) * p.dBC_stride[2] + (t0 + dt) * p.dBC_stride[3],
                     v);
       }
-      __syncthreads();
     }
 
     // The tile's per-step gradients.
@@ -265,9 +274,14 @@ cudaError_t launch_bwd(const ScanBwdParams& p, cudaStream_t stream) {
   const int rows_per_block = kBwdThreads / shape.S;
   const int64_t blocks = s.batch * ((s.dim + rows_per_block - 1) / rows_per_block);
   if (blocks == 0 || shape.n_tiles == 0) return cudaSuccess;
-  const size_t smem = (2 * s.n_modalities * shape.tile +
-                       (shape.n_tiles > 1 ? rows_per_block * s.dstate : 0)) * sizeof(float);
-  coupled_scan_bwd_kernel<input_t, Tiling><<<blocks, kBwdThreads, smem, stream>>>(p, shape.S);
+  const int M = static_cast<int>(s.n_modalities), tile = static_cast<int>(shape.tile);
+  const int64_t carry_floats = shape.n_tiles > 1 ? rows_per_block * s.dstate : 0;
+  StateStage stage{M, rows_per_block, tile, 1};
+  stage.group = states_per_stage(s.dstate, M, rows_per_block, tile, 2 * M * tile,
+                                 kSmemBudgetBytes / sizeof(float), carry_floats);
+  const size_t smem =
+      (stage.floats() + 2 * M * stage.group * tile + carry_floats) * sizeof(float);
+  coupled_scan_bwd_kernel<input_t, Tiling><<<blocks, kBwdThreads, smem, stream>>>(p, shape.S, stage);
   return cudaGetLastError();
 }
 

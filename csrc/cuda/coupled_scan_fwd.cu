@@ -1,27 +1,29 @@
 // Forward CUDA kernel of the coupled selective scan (SPEC §1). Thread mapping and tiling in
 // scan_cuda_common.cuh: a segment of lanes per channel, consecutive steps per lane, the
-// state index walked sequentially with one scan over time per state. The coupled state is
-// saved at every chunk start for backward, and at the end.
+// state index walked sequentially with one scan over time per state; B, C and A of a group
+// of states are staged in shared memory for the whole block. The coupled state is saved at
+// every chunk start for backward, and at the end.
 #include "coupled_scan_cuda.h"
 #include "scan_cuda_common.cuh"
 
 namespace coupled_mamba {
 namespace {
 
-constexpr int kFwdThreads = 128;
+constexpr int kFwdThreads = 256;
 
 template <typename input_t, typename Tiling>
 __global__ void __launch_bounds__(kFwdThreads)
-    coupled_scan_fwd_kernel(const ScanFwdParams p, int S) {
+    coupled_scan_fwd_kernel(const ScanFwdParams p, int S, StateStage stage) {
   constexpr int kMaxM = Tiling::kMaxM, kItems = Tiling::kItems;
   const ScanShape s = p.shape;
   const int M = static_cast<int>(s.n_modalities);
   const int64_t N = s.dstate, L = s.seqlen;
   const RowMap rm(s, S);
   const int64_t tile = static_cast<int64_t>(S) * kItems, n_tiles = (L + tile - 1) / tile;
-  // With several tiles the state at the end of one tile starts the next: [rows][N].
-  extern __shared__ float carry_smem[];
-  float* carry = carry_smem + rm.row * N;
+  // Shared memory: the staged states (StateStage), then, with several tiles, the state at
+  // the end of one tile that starts the next, [rows][N].
+  extern __shared__ float smem[];
+  float* carry = smem + stage.floats() + rm.row * N;
   const bool carried = n_tiles > 1;  // then S == 32: the segment is the whole warp
 
   float w[kMaxM];
@@ -64,61 +66,66 @@ __global__ void __launch_bounds__(kFwdThreads)
       }
     }
 
-    for (int64_t n = 0; n < N; ++n) {
-      // This lane's steps: a_m = exp(Δ_m·A_m), b_m = Δ_m·B_m·u_m and the coupled map
-      // G -> P·G + U of each step (identity past the end of the sequence).
-      float decay[kMaxM][kItems], drive_B[kMaxM][kItems], P[kItems], U[kItems];
+    for (int64_t n0 = 0; n0 < N; n0 += stage.group) {
+      const int count = static_cast<int>(min(static_cast<int64_t>(stage.group), N - n0));
+      __syncthreads();  // the previous group's reads are done
+      stage_states<input_t>(stage, smem, p.B, p.C, p.A, rm.b, rm.e_first, s.dim, n0, count,
+                            k * tile, L);
+      __syncthreads();
+      for (int nn = 0; nn < count; ++nn) {
+        const int64_t n = n0 + nn;
+        // This lane's steps: a_m = exp(Δ_m·A_m), b_m = Δ_m·B_m·u_m and the coupled map
+        // G -> P·G + U of each step (identity past the end of the sequence).
+        float decay[kMaxM][kItems], drive_B[kMaxM][kItems], P[kItems], U[kItems];
 #pragma unroll
-      for (int i = 0; i < kItems; ++i) P[i] = U[i] = 0.f;
+        for (int i = 0; i < kItems; ++i) P[i] = U[i] = 0.f;
 #pragma unroll
-      for (int m = 0; m < kMaxM; ++m) {
-        if (m >= M) continue;
-        float B[kItems] = {};
-        float A_log2 = 0.f;
-        if (rm.active) {
-          load_items<input_t>(p.B, m, rm.b, n, t_first, L, B);
-          A_log2 = load_param(p.A, m, rm.e, n) * kLog2e;
+        for (int m = 0; m < kMaxM; ++m) {
+          if (m >= M) continue;
+          float B[kItems];
+          load_staged(smem + stage.B_at(m, nn) + rm.seg_lane * kItems, B);
+          const float A_log2 = smem[stage.A_at(rm.row, m, nn)] * kLog2e;
+#pragma unroll
+          for (int i = 0; i < kItems; ++i) {
+            decay[m][i] = exp2_approx(step[m][i] * A_log2);
+            drive_B[m][i] = drive[m][i] * B[i];
+            P[i] += w[m] * decay[m][i];
+            U[i] += w[m] * drive_B[m][i];
+          }
         }
+        float P_lane = 1.f, U_lane = 0.f;
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
-          decay[m][i] = exp2_approx(step[m][i] * A_log2);
-          drive_B[m][i] = drive[m][i] * B[i];
-          P[i] += w[m] * decay[m][i];
-          U[i] += w[m] * drive_B[m][i];
+          if (!valid[i]) P[i] = 1.f, U[i] = 0.f;
+          U_lane = P[i] * U_lane + U[i];
+          P_lane = P[i] * P_lane;
         }
-      }
-      float P_lane = 1.f, U_lane = 0.f;
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        if (!valid[i]) P[i] = 1.f, U[i] = 0.f;
-        U_lane = P[i] * U_lane + U[i];
-        P_lane = P[i] * P_lane;
-      }
-      exclusive_scan_forward(P_lane, U_lane, rm.seg_lane, S);
-      float G = P_lane * (carried ? carry[n] : initial_state(n)) + U_lane;  // G[t_first - 1]
+        exclusive_scan_forward(P_lane, U_lane, rm.seg_lane, S);
+        float G = P_lane * (carried ? carry[n] : initial_state(n)) + U_lane;  // G[t_first - 1]
 
-      float G_prev[kItems];
+        float G_prev[kItems];
 #pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        const int64_t t = t_first + i;
-        if (valid[i] && t % kChunkLen == 0) chunk_states[(t / kChunkLen) * N + n] = G;
-        G_prev[i] = G;
-        G = P[i] * G + U[i];
-      }
+        for (int i = 0; i < kItems; ++i) {
+          const int64_t t = t_first + i;
+          if (valid[i] && t % kChunkLen == 0) chunk_states[(t / kChunkLen) * N + n] = G;
+          G_prev[i] = G;
+          G = P[i] * G + U[i];
+        }
 #pragma unroll
-      for (int m = 0; m < kMaxM; ++m) {
-        if (m >= M || !rm.active) continue;
-        float C[kItems];
-        load_items<input_t>(p.C, m, rm.b, n, t_first, L, C);
+        for (int m = 0; m < kMaxM; ++m) {
+          if (m >= M) continue;
+          float C[kItems];
+          load_staged(smem + stage.C_at(m, nn) + rm.seg_lane * kItems, C);
 #pragma unroll
-        for (int i = 0; i < kItems; ++i) y[m][i] += C[i] * (decay[m][i] * G_prev[i] + drive_B[m][i]);  // C·h
+          for (int i = 0; i < kItems; ++i) y[m][i] += C[i] * (decay[m][i] * G_prev[i] + drive_B[m][i]);  // C·h
+        }
+        // The segment's last lane now holds the state after the tile.
+        if (carried) {
+          __syncwarp();  // every lane has read carry[n]
+          if (rm.seg_lane == S - 1) carry[n] = G;
+        }
+        if (k == n_tiles - 1 && rm.seg_lane == S - 1 && rm.active) final_state[n] = G;
       }
-      // The segment's last lane now holds the state after the tile.
-      if (carried) {
-        __syncwarp();  // every lane has read carry[n]
-        if (rm.seg_lane == S - 1) carry[n] = G;
-      }
-      if (k == n_tiles - 1 && rm.seg_lane == S - 1 && rm.active) final_state[n] = G;
     }
 
 #pragma unroll
@@ -149,8 +156,12 @@ cudaError_t launch_fwd(const ScanFwdParams& p, cudaStream_t stream) {
   const int rows_per_block = kFwdThreads / shape.S;
   const int64_t blocks = s.batch * ((s.dim + rows_per_block - 1) / rows_per_block);
   if (blocks == 0 || shape.n_tiles == 0) return cudaSuccess;
-  const size_t smem = shape.n_tiles > 1 ? rows_per_block * s.dstate * sizeof(float) : 0;
-  coupled_scan_fwd_kernel<input_t, Tiling><<<blocks, kFwdThreads, smem, stream>>>(p, shape.S);
+  const int64_t carry_floats = shape.n_tiles > 1 ? rows_per_block * s.dstate : 0;
+  StateStage stage{static_cast<int>(s.n_modalities), rows_per_block, static_cast<int>(shape.tile), 1};
+  stage.group = states_per_stage(s.dstate, stage.M, stage.rows, stage.tile, 0,
+                                 kSmemBudgetBytes / sizeof(float), carry_floats);
+  const size_t smem = (stage.floats() + carry_floats) * sizeof(float);
+  coupled_scan_fwd_kernel<input_t, Tiling><<<blocks, kFwdThreads, smem, stream>>>(p, shape.S, stage);
   return cudaGetLastError();
 }
 

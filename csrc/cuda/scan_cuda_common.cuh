@@ -24,6 +24,9 @@ namespace coupled_mamba {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFullMask = 0xffffffffu;
+// Dynamic shared memory a block uses at most: the default limit, so no opt-in is needed,
+// and several blocks fit on a multiprocessor.
+constexpr int kSmemBudgetBytes = 48 * 1024;
 
 // Register tiling of the per-(modality, step) values: a thread holds kMaxM × kItems of each.
 // Two instantiations keep compile time down: up to 4 modalities with 4 steps per lane (the
@@ -94,21 +97,86 @@ __device__ __forceinline__ void load_items(const TensorArg& a, int64_t i0, int64
   }
 }
 
+// K consecutive floats of a staged tile in shared memory (16- or 8-byte aligned: offsets
+// are multiples of K).
+template <int K>
+__device__ __forceinline__ void load_staged(const float* from, float (&out)[K]) {
+  const Packed<float, K> packed = *reinterpret_cast<const Packed<float, K>*>(from);
+#pragma unroll
+  for (int i = 0; i < K; ++i) out[i] = packed.v[i];
+}
+
+// Shared-memory staging of the per-state inputs for a group of `group` states n0, n0+1, ...
+// All rows of a block share the batch index b, so B[m, b, n, tile] and C[m, b, n, tile] are
+// read from global memory once per block, coalesced along t, converted to float; the hot
+// loop then reads them with one aligned shared load per lane. A[m, e, n] is staged per row.
+// Layout in floats: B [M][group][tile], C [M][group][tile], A [rows][M][group].
+struct StateStage {
+  int M, rows, tile, group;  // tile: a power of two
+  CM_HOST_DEVICE int B_at(int m, int nn) const { return (m * group + nn) * tile; }
+  CM_HOST_DEVICE int C_at(int m, int nn) const { return (M + m) * group * tile + nn * tile; }
+  CM_HOST_DEVICE int A_at(int row, int m, int nn) const {
+    return 2 * M * group * tile + (row * M + m) * group + nn;
+  }
+  CM_HOST_DEVICE int floats() const { return 2 * M * group * tile + rows * M * group; }
+};
+
+// Fills the stage for states n0 .. n0+count-1 (count <= group) of the tile starting at t0;
+// steps past L and rows past dim read as 0. Every thread of the block calls it; the caller
+// puts the barriers around it.
+template <typename input_t>
+__device__ void stage_states(const StateStage& st, float* smem, const TensorArg& B,
+                             const TensorArg& C, const TensorArg& A, int64_t b, int64_t e_first,
+                             int64_t dim, int64_t n0, int count, int64_t t0, int64_t L) {
+  const int tile_shift = __ffs(st.tile) - 1;
+  for (int j = threadIdx.x; j < 2 * st.M * count * st.tile; j += blockDim.x) {
+    const int tt = j & (st.tile - 1), mn = j >> tile_shift;
+    const bool is_C = mn >= st.M * count;
+    const int m = (is_C ? mn - st.M * count : mn) / count, nn = mn % count;
+    const TensorArg& x = is_C ? C : B;
+    const int64_t t = t0 + tt;
+    float v = 0.f;
+    if (t < L)
+      v = to_float(__ldg(static_cast<const input_t*>(x.data) + m * x.stride[0] + b * x.stride[1] +
+                         (n0 + nn) * x.stride[2] + t * x.stride[3]));
+    smem[is_C ? st.C_at(m, nn) + tt : st.B_at(m, nn) + tt] = v;
+  }
+  for (int j = threadIdx.x; j < st.rows * st.M * count; j += blockDim.x) {
+    const int nn = j % count, row_m = j / count, m = row_m % st.M, row = row_m / st.M;
+    const int64_t e = e_first + row;
+    smem[st.A_at(row, m, nn)] = e < dim ? load_param(A, m, e, n0 + nn) : 0.f;
+  }
+}
+
+// States per stage: as many as fit in `budget_floats` of shared memory with `extra_floats`
+// already taken, at least 1, at most N.
+inline int states_per_stage(int64_t N, int M, int rows, int tile, int per_state_extra,
+                            int64_t budget_floats, int64_t extra_floats) {
+  const int64_t per_state = 2LL * M * tile + static_cast<int64_t>(rows) * M + per_state_extra;
+  int64_t group = (budget_floats - extra_floats) / per_state;
+  if (group < 1) group = 1;
+  if (group > N) group = N;
+  return static_cast<int>(group);
+}
+
 // Where this thread sits: its row (channel) and its place in the row's segment.
 struct RowMap {
   int S;          // lanes per row
   int seg_lane;   // index inside the row's segment
   int row;        // row inside the block
+  int rows;       // rows in the block
   int64_t b, e;
+  int64_t e_first;  // the channel of the block's first row
   bool active;    // e < dim (the last block of a batch index may run past dim)
 
   __device__ RowMap(const ScanShape& s, int S_) : S(S_) {
-    const int rows_per_block = blockDim.x / S;
-    const int64_t blocks_per_batch = (s.dim + rows_per_block - 1) / rows_per_block;
+    rows = blockDim.x / S;
+    const int64_t blocks_per_batch = (s.dim + rows - 1) / rows;
     row = threadIdx.x / S;
     seg_lane = threadIdx.x % S;
     b = blockIdx.x / blocks_per_batch;
-    e = (blockIdx.x % blocks_per_batch) * rows_per_block + row;
+    e_first = (blockIdx.x % blocks_per_batch) * rows;
+    e = e_first + row;
     active = e < s.dim;
   }
 };
