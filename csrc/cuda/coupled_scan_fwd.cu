@@ -12,7 +12,7 @@ namespace {
 constexpr int kFwdThreads = 256;
 
 template <typename input_t, typename Tiling>
-__global__ void __launch_bounds__(kFwdThreads)
+__global__ void __launch_bounds__(kFwdThreads, 2)
     coupled_scan_fwd_kernel(const ScanFwdParams p, int S, StateStage stage) {
   constexpr int kMaxM = Tiling::kMaxM, kItems = Tiling::kItems;
   const ScanShape s = p.shape;

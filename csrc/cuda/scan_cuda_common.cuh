@@ -123,23 +123,39 @@ struct StateStage {
 
 // Fills the stage for states n0 .. n0+count-1 (count <= group) of the tile starting at t0;
 // steps past L and rows past dim read as 0. Every thread of the block calls it; the caller
-// puts the barriers around it.
+// puts the barriers around it. Each thread issues kStageBatch loads before it stores any,
+// so that their latencies overlap (one load, then its store, in turn would serialise them).
+constexpr int kStageBatch = 8;
+
 template <typename input_t>
 __device__ void stage_states(const StateStage& st, float* smem, const TensorArg& B,
                              const TensorArg& C, const TensorArg& A, int64_t b, int64_t e_first,
                              int64_t dim, int64_t n0, int count, int64_t t0, int64_t L) {
   const int tile_shift = __ffs(st.tile) - 1;
-  for (int j = threadIdx.x; j < 2 * st.M * count * st.tile; j += blockDim.x) {
-    const int tt = j & (st.tile - 1), mn = j >> tile_shift;
-    const bool is_C = mn >= st.M * count;
-    const int m = (is_C ? mn - st.M * count : mn) / count, nn = mn % count;
-    const TensorArg& x = is_C ? C : B;
-    const int64_t t = t0 + tt;
-    float v = 0.f;
-    if (t < L)
-      v = to_float(__ldg(static_cast<const input_t*>(x.data) + m * x.stride[0] + b * x.stride[1] +
-                         (n0 + nn) * x.stride[2] + t * x.stride[3]));
-    smem[is_C ? st.C_at(m, nn) + tt : st.B_at(m, nn) + tt] = v;
+  const int total = 2 * st.M * count * st.tile;
+  for (int first = threadIdx.x; first < total; first += kStageBatch * blockDim.x) {
+    float v[kStageBatch];
+    int at[kStageBatch];
+#pragma unroll
+    for (int r = 0; r < kStageBatch; ++r) {
+      const int j = first + r * blockDim.x;
+      const int tt = j & (st.tile - 1), mn = j >> tile_shift;
+      const bool is_C = mn >= st.M * count;
+      const int m = (is_C ? mn - st.M * count : mn) / count, nn = mn % count;
+      const TensorArg& x = is_C ? C : B;
+      const int64_t t = t0 + tt;
+      v[r] = 0.f;
+      at[r] = -1;
+      if (j < total) {
+        at[r] = is_C ? st.C_at(m, nn) + tt : st.B_at(m, nn) + tt;
+        if (t < L)
+          v[r] = to_float(__ldg(static_cast<const input_t*>(x.data) + m * x.stride[0] +
+                                b * x.stride[1] + (n0 + nn) * x.stride[2] + t * x.stride[3]));
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kStageBatch; ++r)
+      if (at[r] >= 0) smem[at[r]] = v[r];
   }
   for (int j = threadIdx.x; j < st.rows * st.M * count; j += blockDim.x) {
     const int nn = j % count, row_m = j / count, m = row_m % st.M, row = row_m / st.M;
