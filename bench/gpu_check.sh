@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # One-shot GPU check on a bare machine with torch, nvcc and pytest but no network: build the
 # extension in place for the visible card, run the CUDA tests and a few CPU smoke tests, the
-# CUDA benchmark of the scan (and of the model), then times build variants of the backward
-# kernel. About 8 minutes; every stage runs under `timeout` inside one overall budget, so one
-# hang cannot eat the rest. A short summary table is printed last.
+# CUDA benchmark of the scan, an Nsight Compute profile of the kernels (when ncu is there),
+# the model benchmark, then times build variants of the backward kernel. About 8 minutes;
+# every stage runs under `timeout` inside one overall budget, so one hang cannot eat the
+# rest. A short summary table is printed last.
 #
 #   bash bench/gpu_check.sh                 # from anywhere; logs in $OUT, else ./gpu_out
 #
 # Environment: OUT (log folder), GPU_CHECK_BUDGET (seconds for everything, default 480),
 # GPU_CHECK_PYTEST_ARGS (default "-x -q -rs": stop at the first CUDA failure),
-# GPU_CHECK_BWD_VARIANTS (backward build variants to time, default "256:1 128:3"),
-# GPU_CHECK_SKIP_MODEL=1 (no model benchmark).
+# GPU_CHECK_BWD_VARIANTS (backward build variants to time, default "128:4"),
+# GPU_CHECK_SKIP_MODEL=1 (no model benchmark), GPU_CHECK_SKIP_NCU=1 (no profile).
 # At most 8 files are written to $OUT (the device tool returns no more).
 set -u
 cd "$(dirname "$0")/.."
@@ -116,10 +117,17 @@ run_stage cpu-smoke 60 "$OUT/pytest_cpu.log" python3 -m pytest -q -m "not cuda" 
 # ---------------------------------------------------------------------------- benchmarks
 run_stage bench-scan 150 "$OUT/bench_scan.log" python3 bench/bench_scan.py --device cuda \
   --json "$OUT/bench_scan.json"
+# Nsight Compute on one forward and one backward launch at case (a), bf16: where the time
+# goes (throughput against the peaks, occupancy, what warps stall on).
+if command -v ncu >/dev/null && [[ -z ${GPU_CHECK_SKIP_NCU:-} ]]; then
+  run_stage ncu 90 "$OUT/ncu.log" ncu -k regex:coupled_scan --launch-skip 2 --launch-count 2 \
+    --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats python3 bench/profile_scan.py --case a
+fi
 if [[ -z ${GPU_CHECK_SKIP_MODEL:-} ]]; then
-  # Its figures go elsewhere: only 8 files come back from $OUT.
-  run_stage bench-model 120 "$OUT/bench_model.log" python3 bench/bench_model.py --device cuda \
-    --json "$OUT/bench_model.json" --out "${TMPDIR:-/tmp}/bench_model_out"
+  # Its log and figures stay behind (only 8 files come back from $OUT); the JSON has it all.
+  run_stage bench-model 120 "${TMPDIR:-/tmp}/bench_model.log" python3 bench/bench_model.py \
+    --device cuda --json "$OUT/bench_model.json" --out "${TMPDIR:-/tmp}/bench_model_out"
 fi
 
 # ---------------------------------------------------------------------------- tuning
@@ -128,7 +136,7 @@ fi
 # timed alone (bf16, no reference); its table goes to the summary. Last, because the
 # in-place build is then the last variant's. GPU_CHECK_BWD_VARIANTS="" skips this.
 VARIANT_TABLES=""
-VARIANTS=${GPU_CHECK_BWD_VARIANTS-256:1 128:3}
+VARIANTS=${GPU_CHECK_BWD_VARIANTS-128:4}
 for variant in $VARIANTS; do
   threads=${variant%%:*} blocks=${variant##*:}
   touch csrc/cuda/coupled_scan_bwd.cu
