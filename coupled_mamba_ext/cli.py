@@ -10,7 +10,7 @@ import argparse
 from typing import List, Optional
 
 from .data import DATASETS, SPLITS
-from .models import FUSIONS
+from .models import COUPLINGS, FUSIONS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seq-len", type=int, help="steps that unaligned modalities are "
                        "resampled to; default: the padded text length (synthetic: 16)")
     train.add_argument("--dropout", type=float, default=0.1)
+    train.add_argument("--dt-rank", type=int, help="rank of the Mamba layers' delta "
+                       "projection; default ceil(d_state / 8), the paper's d_state / 8")
+    train.add_argument("--coupling", choices=COUPLINGS, default="learned",
+                       help="coupled state weights of --fusion coupled: learned softmax "
+                       "(starts at 1/M), fixed mean 1/M, or the paper's plain sum (grows "
+                       "with the length for M >= 2)")
     train.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     train.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data")
     train.add_argument("--device", help="cpu, cuda, cuda:1...; default cuda when available")

@@ -60,6 +60,8 @@ class TrainConfig:
     d_state: Optional[int] = None
     seq_len: Optional[int] = None
     dropout: float = 0.1
+    dt_rank: Optional[int] = None
+    coupling: str = "learned"
     seed: int = 0
     data_seed: int = 0
     device: Optional[str] = None
@@ -70,8 +72,8 @@ class TrainConfig:
 
 # Fields that must agree between a checkpoint and the command that resumes it.
 _RUN_IDENTITY = ("data", "dataset", "task", "fusion", "batch_size", "lr", "weight_decay",
-                 "d_model", "n_layers", "d_state", "seq_len", "dropout", "seed", "data_seed",
-                 "amp")
+                 "d_model", "n_layers", "d_state", "seq_len", "dropout", "dt_rank", "coupling",
+                 "seed", "data_seed", "amp")
 
 
 def resolve_defaults(config: TrainConfig, data: MMSAData) -> TrainConfig:
@@ -98,12 +100,22 @@ def load_data(data: str, dataset: Optional[str] = None, data_seed: int = 0) -> M
     return load_mmsa(data, dataset)
 
 
+def check_config(config: TrainConfig) -> None:
+    """Reject option combinations the model would otherwise ignore or fail on later."""
+    if config.dt_rank is not None and config.dt_rank < 1:
+        raise ValueError(f"--dt-rank: expected an int >= 1, got {config.dt_rank}")
+    if config.coupling != "learned" and config.fusion != "coupled":
+        raise ValueError(f"--coupling {config.coupling}: only --fusion coupled has a coupling, "
+                         f"this run has --fusion {config.fusion}")
+
+
 def build_model(config: TrainConfig, input_dims: List[int], num_classes: int) -> CoupledMamba:
     return CoupledMamba(
         input_dims, d_model=config.d_model, n_layers=config.n_layers, d_state=config.d_state,
         fusion=config.fusion, task=config.task,
         num_classes=num_classes if config.task == "classification" else None,
-        dropout=config.dropout, seq_len=config.seq_len)
+        dropout=config.dropout, seq_len=config.seq_len, coupling=config.coupling,
+        dt_rank="auto" if config.dt_rank is None else config.dt_rank)
 
 
 # ----------------------------------------------------------------------------- process setup
@@ -279,6 +291,8 @@ def write_report(results: dict, table: str, path: str) -> None:
 # ----------------------------------------------------------------------------- train
 def _check_resumable(saved: dict, config: TrainConfig) -> None:
     current = dataclasses.asdict(config)
+    # A checkpoint written before a field existed ran with that field's default.
+    saved = {**dataclasses.asdict(TrainConfig(data="", out="")), **saved}
     changed = [k for k in _RUN_IDENTITY if saved[k] != current[k]]
     if changed:
         raise ValueError("--resume: the checkpoint was trained with different settings: " +
@@ -301,6 +315,7 @@ def train(config: TrainConfig) -> Optional[dict]:
 
 
 def _train(config: TrainConfig, process: Process) -> Optional[dict]:
+    check_config(config)
     data = load_data(config.data, config.dataset, config.data_seed)
     config = resolve_defaults(config, data)
     if config.batch_size % process.world_size:
@@ -414,7 +429,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, dataset: Optional[str] = Non
                         batch_size: Optional[int] = None) -> Dict[str, Dict[str, float]]:
     """Metrics of a saved model (best.pt or checkpoint.pt) on the given splits of ``data``."""
     saved = load_checkpoint(checkpoint)
-    config = TrainConfig(**saved["config"])
+    config = TrainConfig(**saved["config"])  # fields added since then keep their defaults
     loaded = load_data(data, dataset or config.dataset, config.data_seed)
     if loaded.feature_dims != list(saved["input_dims"]):
         raise ValueError(f"{checkpoint} was trained on feature sizes {saved['input_dims']}, "

@@ -171,6 +171,36 @@ def test_gradients_reach_every_parameter(fusion):
         assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
 
+def _stream_sensitivity(model, source, target, step):
+    """Norm of d(stream `target`'s encoder output at `step`) / d(modality `source`'s
+    projected input at steps <= step), for an encoder with one stream per modality."""
+    h = torch.randn(len(DIMS), BATCH, STEPS, SMALL["d_model"],
+                    generator=torch.Generator().manual_seed(2), requires_grad=True)
+    out = model.encoder(h)
+    grad, = torch.autograd.grad(out[target, :, step].square().sum(), h)
+    return grad[source, :, :step + 1].norm().item()
+
+
+@pytest.mark.parametrize("fusion", ["coupled", "mamba"])
+def test_modalities_meet_only_through_the_coupled_state(fusion):
+    """Coupled fusion: a modality's stream depends on the other modalities, strictly through
+    earlier steps (the coupled state G[t-1]); "mamba" (uncoupled): never. Guards against a
+    model that silently runs the modalities independently (as "coupled" and "mamba" behaved
+    alike on the synthetic task, docs/training.md)."""
+    model = make_model(fusion)
+    for target in range(len(DIMS)):
+        own = _stream_sensitivity(model, target, target, STEPS - 1)
+        assert own > 0
+        for source in set(range(len(DIMS))) - {target}:
+            cross = _stream_sensitivity(model, source, target, STEPS - 1)
+            if fusion == "mamba":
+                assert cross == 0.0
+            else:
+                assert cross > 1e-6 * own
+                # nothing from another modality reaches step 0: only G[t-1] carries it
+                assert _stream_sensitivity(model, source, target, 0) == 0.0
+
+
 @pytest.mark.parametrize("pooling", ["mean", "last", "max"])
 def test_model_step_equals_forward_on_every_prefix(pooling):
     model = make_model(pooling=pooling, task="classification", num_classes=3)
@@ -334,6 +364,8 @@ def test_bad_inputs_raise_clear_errors(xs, lengths, message):
     (dict(num_classes=3), "num_classes: expected None for task='regression', got 3"),
     (dict(seq_len=0), "seq_len: expected None or an int >= 1, got 0"),
     (dict(coupling="max"), "coupling: expected one of ('learned', 'mean', 'sum'), got 'max'"),
+    (dict(dt_rank=0), "dt_rank: expected 'auto' or an int >= 1, got 0"),
+    (dict(dt_rank="full"), "dt_rank: expected 'auto' or an int >= 1, got 'full'"),
 ])
 def test_bad_configuration_raises_clear_errors(kwargs, message):
     kwargs = {"input_dims": DIMS, **SMALL, **kwargs}

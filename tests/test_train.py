@@ -98,6 +98,49 @@ def test_resume_and_overwrite_are_explicit(pickle_path, tmp_path):
     assert [h["epoch"] for h in results["history"]] == [1, 2]
 
 
+def test_dt_rank_and_coupling_options_reach_the_model(pickle_path, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--data", pickle_path, "--out", str(out), "--epochs", "1",
+                 "--device", "cpu", "--dt-rank", "3", "--coupling", "mean", *TINY]) == 0
+    saved = training.load_checkpoint(str(out / "best.pt"))
+    assert saved["config"]["dt_rank"] == 3 and saved["config"]["coupling"] == "mean"
+    config = training.TrainConfig(**saved["config"])
+    layer = training.build_model(config, saved["input_dims"], saved["num_classes"]) \
+        .encoder.layers[0]
+    assert layer.dt_rank == 3 and layer.coupling == "mean"
+    assert layer.dt_proj.weight.shape[1] == 3
+    assert saved["model"]["encoder.layers.0.dt_proj.weight"].shape[1] == 3
+    # the defaults: rank ceil(d_state / 8) = 1 for d_state 4, learned coupling
+    default = training.build_model(tiny_config(pickle_path, tmp_path), [32, 12, 24], 2)
+    assert default.encoder.layers[0].dt_rank == 1
+    assert default.encoder.layers[0].coupling == "learned"
+    # resuming with another coupling is refused
+    with pytest.raises(ValueError, match="coupling='mean' \\(now 'sum'\\)"):
+        training.train(tiny_config(pickle_path, out, epochs=2, dt_rank=3, coupling="sum",
+                                   resume=True))
+
+
+def test_dt_rank_and_coupling_options_are_checked(pickle_path, tmp_path):
+    with pytest.raises(ValueError, match="--dt-rank: expected an int >= 1, got 0"):
+        training.train(tiny_config(pickle_path, tmp_path, dt_rank=0))
+    with pytest.raises(ValueError, match="only --fusion coupled has a coupling"):
+        training.train(tiny_config(pickle_path, tmp_path, fusion="average", coupling="sum"))
+    with pytest.raises(SystemExit):
+        main(["train", "--data", pickle_path, "--out", str(tmp_path), "--coupling", "max"])
+
+
+def test_checkpoints_without_the_newer_options_resume_with_their_defaults(pickle_path,
+                                                                           tmp_path):
+    training.train(tiny_config(pickle_path, tmp_path, epochs=1))
+    path = tmp_path / training.CHECKPOINT
+    saved = training.load_checkpoint(str(path))
+    for key in ("dt_rank", "coupling"):
+        del saved["config"][key]
+    torch.save(saved, path)
+    results = training.train(tiny_config(pickle_path, tmp_path, epochs=2, resume=True))
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
+
+
 def test_classification_with_bf16_autocast(pickle_path, tmp_path):
     results = training.train(tiny_config(pickle_path, tmp_path, epochs=1, task="classification",
                                          fusion="average", amp="bf16"))

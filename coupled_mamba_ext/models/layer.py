@@ -115,6 +115,8 @@ class CoupledMambaLayer(nn.Module):
             raise ValueError(f"n_modalities: expected at least 1, got {n_modalities}")
         if dt_rank == "auto":
             dt_rank = math.ceil(d_state / 8)
+        elif isinstance(dt_rank, bool) or not isinstance(dt_rank, int) or dt_rank < 1:
+            raise ValueError(f"dt_rank: expected 'auto' or an int >= 1, got {dt_rank!r}")
         M, E = n_modalities, expand * d_model
         self.d_model, self.n_modalities, self.d_state, self.d_conv = d_model, M, d_state, d_conv
         self.d_inner, self.dt_rank, self.coupling = E, dt_rank, coupling
