@@ -243,21 +243,41 @@ struct TaskScratch {
 // step, drive, u, dyhat, yhat, d_step, d_u: [m][t] (row length K); A: [m][Np];
 // B, C, decays, dB, dC: [m][t][Np]; history: [t][Np].
 
+// decays[m][t] = exp(Δ[m,t]·A[m]) for the whole chunk, before the recurrence: the arguments
+// first, then the exponentials in one flat loop over T·Np values per modality. (Inside the
+// recurrence's loop over 16 states, the exponential's constants are reloaded at every
+// (modality, step).)
+template <typename acc_t>
+CM_VECTOR_CLONES void chunk_decays(int64_t M, int64_t Np, int64_t T, const acc_t* __restrict step,
+                                   const acc_t* __restrict A, acc_t* __restrict decays) {
+  for (int64_t m = 0; m < M; ++m) {
+    const acc_t* __restrict Am = A + m * Np;
+    acc_t* __restrict decay_m = decays + m * K * Np;
+    for (int64_t t = 0; t < T; ++t) {
+      const acc_t dt = step[m * K + t];
+#pragma omp simd
+      for (int64_t n = 0; n < Np; ++n) decay_m[t * Np + n] = dt * Am[n];
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < T * Np; ++i) decay_m[i] = exp_vec(decay_m[i]);
+  }
+}
+
 // Forward. G holds the coupled state at the chunk start on entry, at its end on return;
 // spare is Np values of scratch. yhat[m][t] = Σ_n C·h_m (without the D·u term).
 template <typename acc_t>
 CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
-                                         const acc_t* __restrict step,
                                          const acc_t* __restrict drive,
-                                         const acc_t* __restrict w, const acc_t* __restrict A,
+                                         const acc_t* __restrict w,
+                                         const acc_t* __restrict decays,
                                          const acc_t* __restrict B, const acc_t* __restrict C,
                                          acc_t* G, acc_t* spare, acc_t* __restrict yhat) {
   acc_t* G_prev = G;
   acc_t* G_next = spare;
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t m = 0; m < M; ++m) {
-      const acc_t dt = step[m * K + t], dr = drive[m * K + t], wm = w[m];
-      const acc_t* __restrict Am = A + m * Np;
+      const acc_t dr = drive[m * K + t], wm = w[m];
+      const acc_t* __restrict decay_m = decays + (m * K + t) * Np;
       const acc_t* __restrict Bm = B + (m * K + t) * Np;
       const acc_t* __restrict Cm = C + (m * K + t) * Np;
       const bool first = m == 0;
@@ -266,7 +286,7 @@ CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
 #pragma omp simd
         for (int64_t j = 0; j < kLanes; ++j) {
           const int64_t n = n0 + j;
-          const acc_t h = modality_state(exp_vec(dt * Am[n]), G_prev[n], dr, Bm[n]);
+          const acc_t h = modality_state(decay_m[n], G_prev[n], dr, Bm[n]);
           part[j] += Cm[n] * h;
           G_next[n] = first ? wm * h : G_next[n] + wm * h;
         }
@@ -278,38 +298,30 @@ CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
   if (G_prev != G) std::copy(G_prev, G_prev + Np, G);
 }
 
-// Backward's recomputation of one chunk: history[t] = G[t - 1] (history[0] holds the chunk
-// start on entry) and decays[m][t] = exp(Δ[m,t]·A[m]), which the reverse pass reads instead
-// of computing the exponentials again.
+// Backward's recomputation of one chunk from the decays: history[t] = G[t - 1] (history[0]
+// holds the chunk start on entry). The state after the chunk's last step is the next
+// chunk's saved start: not needed.
 template <typename acc_t>
 CM_VECTOR_CLONES void scan_chunk_recompute(int64_t M, int64_t Np, int64_t T,
-                                           const acc_t* __restrict step,
                                            const acc_t* __restrict drive,
-                                           const acc_t* __restrict w, const acc_t* __restrict A,
-                                           const acc_t* __restrict B, acc_t* __restrict history,
-                                           acc_t* __restrict decays) {
-  for (int64_t t = 0; t < T; ++t) {
+                                           const acc_t* __restrict w,
+                                           const acc_t* __restrict decays,
+                                           const acc_t* __restrict B, acc_t* __restrict history) {
+  for (int64_t t = 0; t + 1 < T; ++t) {
     const acc_t* __restrict G_prev = history + t * Np;
     acc_t* __restrict G_next = history + (t + 1) * Np;
-    // The state after the chunk's last step is the next chunk's saved start: not needed.
-    const bool keep_state = t + 1 < T;
     for (int64_t m = 0; m < M; ++m) {
-      const acc_t dt = step[m * K + t], dr = drive[m * K + t], wm = w[m];
-      const acc_t* __restrict Am = A + m * Np;
+      const acc_t dr = drive[m * K + t], wm = w[m];
+      const acc_t* __restrict decay_m = decays + (m * K + t) * Np;
       const acc_t* __restrict Bm = B + (m * K + t) * Np;
-      acc_t* __restrict decay_m = decays + (m * K + t) * Np;
       const bool first = m == 0;
-      if (keep_state) {
+      for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
 #pragma omp simd
-        for (int64_t n = 0; n < Np; ++n) {
-          const acc_t decay = exp_vec(dt * Am[n]);
-          const acc_t h = modality_state(decay, G_prev[n], dr, Bm[n]);
-          decay_m[n] = decay;
+        for (int64_t j = 0; j < kLanes; ++j) {
+          const int64_t n = n0 + j;
+          const acc_t h = modality_state(decay_m[n], G_prev[n], dr, Bm[n]);
           G_next[n] = first ? wm * h : G_next[n] + wm * h;
         }
-      } else {
-#pragma omp simd
-        for (int64_t n = 0; n < Np; ++n) decay_m[n] = exp_vec(dt * Am[n]);
       }
     }
   }
@@ -386,7 +398,7 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
     const cpu::FlushDenormals flush_denormals;
     TaskScratch<acc_t> in(p);
     // G[row][Np]: the coupled state of each channel (padded states stay 0).
-    std::vector<acc_t> G(kRowsPerTask * Np), spare(Np), yhat(M * K), z(K);
+    std::vector<acc_t> G(kRowsPerTask * Np), spare(Np), decays(M * K * Np), yhat(M * K), z(K);
     for (int64_t task = begin; task < end; ++task) {
       in.start_task(p, task);
       const int64_t b = in.b, e0 = in.e0, rows = in.rows;
@@ -405,7 +417,8 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
           acc_t* state = &G[r * Np];
           std::copy(state, state + N, &chunk_states[((b * s.dim + e) * s.n_chunks + c) * N]);
           in.template load_steps_of_row<input_t>(p, r, t0, T);
-          scan_chunk_forward(M, Np, T, in.step.data(), in.drive.data(), in.w.data(), in.A_row(r),
+          chunk_decays(M, Np, T, in.step.data(), in.A_row(r), decays.data());
+          scan_chunk_forward(M, Np, T, in.drive.data(), in.w.data(), decays.data(),
                              in.B_tile.data(), in.C_tile.data(), state, spare.data(), yhat.data());
           // Pass 3: ŷ = Σ_n C·h + D·u, y = ŷ·silu(z).
           for (int64_t m = 0; m < M; ++m) {
@@ -491,8 +504,9 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
           }
           // Pass 2: recompute the chunk from its saved start, then walk it backwards.
           for (int64_t n = 0; n < N; ++n) history[n] = ptr4<acc_t>(p.chunk_states, b, e, c, n)[0];
-          scan_chunk_recompute(M, Np, T, in.step.data(), in.drive.data(), in.w.data(),
-                               in.A_row(r), in.B_tile.data(), history.data(), decays.data());
+          chunk_decays(M, Np, T, in.step.data(), in.A_row(r), decays.data());
+          scan_chunk_recompute(M, Np, T, in.drive.data(), in.w.data(), decays.data(),
+                               in.B_tile.data(), history.data());
           scan_chunk_backward(M, Np, T, in.step.data(), in.u.data(), in.drive.data(), in.w.data(),
                               dyhat.data(), in.A_row(r), in.B_tile.data(), in.C_tile.data(),
                               history.data(), decays.data(), &lambda[r * Np], spare.data(),
