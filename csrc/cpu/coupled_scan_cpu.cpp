@@ -4,13 +4,15 @@
 // backward walks the chunks last to first, recomputes the states inside one chunk from its
 // saved start, then runs the reverse (adjoint) recurrence through it.
 //
-// Per channel and chunk the work is three passes, each a loop that vectorises:
+// Per channel and chunk the work is three passes, each made of loops that vectorise:
 //   1. per (modality, step), vectorised over the chunk's steps: the step sizes (softplus),
 //      Δ·u and, in backward, dℓ/dŷ and dℓ/dz through the gate;
-//   2. the recurrence over the chunk's steps, vectorised over states;
+//   2. the decays exp(Δ·A) of the whole chunk in one flat loop, then the recurrence over
+//      the chunk's steps, vectorised over states in blocks of 16;
 //   3. per (modality, step), vectorised over steps: y through the gate, or du, dδ and the
 //      D and β gradients.
-// Special functions are the vectorisable ones of vec_math.h, never a libm call per element.
+// Special functions are the vectorisable ones of vec_math.h, never a libm call per element;
+// denormals are flushed while the kernels run (see FlushDenormals).
 #include "coupled_scan_cpu.h"
 
 #include <algorithm>
