@@ -16,6 +16,7 @@
 #include "coupled_scan_cpu.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <mutex>
 #include <vector>
@@ -410,12 +411,18 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
   auto* chunk_states = static_cast<acc_t*>(p.chunk_states);
   auto* final_state = static_cast<acc_t*>(p.final_state);
 
-  at::parallel_for(0, s.batch * blocks_per_batch, parallel_grain(s), [&](int64_t begin, int64_t end) {
+  const int64_t n_tasks = s.batch * blocks_per_batch;
+  // at::parallel_for decides how many threads work (by the grain); the tasks themselves are
+  // handed out one at a time from this counter rather than in its equal static ranges: on
+  // a machine shared with other jobs, a thread that loses its core takes fewer tasks
+  // instead of holding the others up.
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, n_tasks, parallel_grain(s), [&](int64_t, int64_t) {
     const cpu::FlushDenormals flush_denormals;
     TaskScratch<acc_t> in(p);
     // G[row][Np]: the coupled state of each channel (padded states stay 0).
     std::vector<acc_t> G(kRowsPerTask * Np), spare(Np), decays(M * K * Np), yhat(M * K), z(K);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
       in.start_task(p, task);
       const int64_t b = in.b, e0 = in.e0, rows = in.rows;
       // Padded states are reset too: a non-finite channel leaves non-finite padded states.
@@ -482,7 +489,9 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
   // each task accumulates privately and adds its sums under this lock.
   std::mutex flush_lock;
 
-  at::parallel_for(0, s.batch * blocks_per_batch, parallel_grain(s), [&](int64_t begin, int64_t end) {
+  const int64_t n_tasks = s.batch * blocks_per_batch;
+  std::atomic<int64_t> next_task{0};  // see the forward kernel
+  at::parallel_for(0, n_tasks, parallel_grain(s), [&](int64_t, int64_t) {
     const cpu::FlushDenormals flush_denormals;
     TaskScratch<acc_t> in(p);
     // history[0]'s padded states stay 0 (only the first N are written from the saved states).
@@ -491,7 +500,7 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
     std::vector<acc_t> lambda(kRowsPerTask * Np), dA(kRowsPerTask * M * Np),
         dD(kRowsPerTask * M), dbias(kRowsPerTask * M), dB_tile(M * K * Np), dC_tile(M * K * Np);
     std::vector<acc_t> dw(M * Np, acc_t(0));  // [m][Np], summed over states once per thread
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
       in.start_task(p, task);
       const int64_t b = in.b, e0 = in.e0, rows = in.rows;
       // lambda = dℓ/dG[t] per channel, starting from the final state's gradient.
