@@ -62,10 +62,11 @@ inline int64_t parallel_grain(const ScanShape& s) {
   return std::max<int64_t>(1, (int64_t(1) << 18) / work_per_task);
 }
 
-// Σ of the kLanes partial sums of a blocked reduction. With gcc / clang: as one vector,
-// halved three times (extract and add, then two shuffles): 7 instructions on AVX-512, where
-// omp simd's own reduction, or a loop, becomes a chain of scalar additions through memory.
-#if defined(__GNUC__)
+// Σ of the kLanes partial sums of a blocked reduction. With clang or gcc >= 12 (which have
+// __builtin_shufflevector): as one vector, halved four times, a handful of shuffles and
+// additions; omp simd's own reduction, or a loop, becomes a chain of scalar additions
+// through memory. Otherwise: a tree the compiler may or may not turn into shuffles.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
 inline float sum_lanes(const float (&part)[kLanes]) {
   static_assert(kLanes == 16, "the halvings below are for 16 lanes");
   typedef float v16 __attribute__((vector_size(64)));
