@@ -3,9 +3,20 @@
 // cut into chunks of kChunkLen steps; forward saves the coupled state at each chunk start;
 // backward walks the chunks last to first, recomputes the states inside one chunk from its
 // saved start, then runs the reverse (adjoint) recurrence through it.
+//
+// Per channel and chunk the work is three passes, each made of loops that vectorise:
+//   1. per (modality, step), vectorised over the chunk's steps: the step sizes (softplus),
+//      Δ·u and, in backward, dℓ/dŷ and dℓ/dz through the gate;
+//   2. the decays exp(Δ·A) of the whole chunk in one flat loop, then the recurrence over
+//      the chunk's steps, vectorised over states in blocks of 16;
+//   3. per (modality, step), vectorised over steps: y through the gate, or du, dδ and the
+//      D and β gradients.
+// Special functions are the vectorisable ones of vec_math.h, never a libm call per element;
+// denormals are flushed while the kernels run (see FlushDenormals).
 #include "coupled_scan_cpu.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <mutex>
 #include <vector>
@@ -15,20 +26,34 @@
 #include <c10/util/Half.h>
 
 #include "coupled_mamba/scan_math.h"
+#include "vec_math.h"
 
 namespace coupled_mamba {
 namespace {
 
-// On x86-64 with gcc the loops over states are compiled twice, for AVX2+FMA CPUs and for
-// the baseline, and the loader picks one (ifunc): one build runs at full width where it can.
+using cpu::exp_vec;
+using cpu::sigmoid_vec;
+using cpu::softplus_vec;
+
+// On x86-64 with gcc the vectorised loops are compiled three times, for AVX-512, for
+// AVX2+FMA and for the baseline, and the loader picks one (ifunc): one build runs at full
+// width where it can.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CM_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define CM_VECTOR_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CM_VECTOR_CLONES
 #endif
 
 // Channels one parallel task handles. They share a batch index, hence the B and C tiles.
 constexpr int64_t kRowsPerTask = 16;
+constexpr int64_t K = kChunkLen;
+// States are processed in blocks of kLanes (one AVX-512 vector of floats, two AVX2 ones), a
+// fixed trip count that compiles to whole vectors with no remainder loop. Buffers over states
+// are padded with zeros to Np, a multiple of kLanes: a padded state has A = B = C = 0 and
+// starts at 0, so it stays 0 and adds nothing to any output or gradient.
+constexpr int64_t kLanes = 16;
+inline int64_t padded_states(int64_t N) { return (N + kLanes - 1) / kLanes * kLanes; }
 
 // Tasks per thread, so that each thread gets at least ~2^18 (modality, step, state)
 // elements: below that, waking the OpenMP team costs more than the work.
@@ -37,156 +62,341 @@ inline int64_t parallel_grain(const ScanShape& s) {
   return std::max<int64_t>(1, (int64_t(1) << 18) / work_per_task);
 }
 
-// exp for float that the compiler vectorises (glibc's expf is a call it cannot). Range
-// reduction to 2^k · e^r with |r| <= ln2/2, then Cephes' degree-6 polynomial for e^r
-// (relative error about 2e-7). The input is clamped to [-87, 88]: below, it returns ~1e-38
-// instead of a denormal or 0, far below fp32's resolution of the sums it enters; above, it
-// saturates at ~1.7e38. NaN propagates (std::max / std::min keep a NaN first argument).
-inline float exp_vec(float x) {
-  x = std::max(x, -87.0f);
-  x = std::min(x, 88.0f);
-  // Round to nearest by adding and subtracting 1.5·2^23 (vectorises; floorf does not).
-  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
+// Σ of the kLanes partial sums of a blocked reduction. With clang or gcc >= 12 (which have
+// __builtin_shufflevector): as one vector, halved four times, a handful of shuffles and
+// additions; omp simd's own reduction, or a loop, becomes a chain of scalar additions
+// through memory. Otherwise: a tree the compiler may or may not turn into shuffles.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+inline float sum_lanes(const float (&part)[kLanes]) {
+  static_assert(kLanes == 16, "the halvings below are for 16 lanes");
+  typedef float v16 __attribute__((vector_size(64)));
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v16 x;
+  __builtin_memcpy(&x, part, sizeof x);
+  const v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  b += __builtin_shufflevector(b, b, 2, 3, 0, 1);
+  b += __builtin_shufflevector(b, b, 1, 0, 3, 2);
+  return b[0];
 }
-inline double exp_vec(double x) { return std::exp(x); }
+#endif
+template <typename acc_t>
+inline acc_t sum_lanes(const acc_t (&part)[kLanes]) {
+  acc_t s8[8], s4[4];
+  for (int j = 0; j < 8; ++j) s8[j] = part[j] + part[j + 8];
+  for (int j = 0; j < 4; ++j) s4[j] = s8[j] + s8[j + 4];
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
 
-// Strided element access of a TensorArg (dimension order as documented in params.h).
 template <typename T>
-inline T at4(const TensorArg& a, int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
-  return static_cast<const T*>(a.data)[i0 * a.stride[0] + i1 * a.stride[1] + i2 * a.stride[2] +
-                                       i3 * a.stride[3]];
+inline const T* ptr4(const TensorArg& a, int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+  return static_cast<const T*>(a.data) + i0 * a.stride[0] + i1 * a.stride[1] + i2 * a.stride[2] +
+         i3 * a.stride[3];
 }
 template <typename T>
 inline T at2(const TensorArg& a, int64_t i0, int64_t i1) {
   return static_cast<const T*>(a.data)[i0 * a.stride[0] + i1 * a.stride[1]];
 }
 
-// What one task reads once and keeps: per-channel parameters and the transposed B, C tiles
-// of the current chunk, laid out [m][t - t0][n] so that the loop over n is contiguous.
+// out[k] = x[m, b, e, t0 + k] for k < T, in the accumulation type.
 template <typename input_t, typename acc_t>
-struct TaskInputs {
+inline void load_steps(const TensorArg& x, int64_t m, int64_t b, int64_t e, int64_t t0, int64_t T,
+                       acc_t* __restrict out) {
+  const input_t* src = ptr4<input_t>(x, m, b, e, t0);
+  const int64_t stride = x.stride[3];
+  if (stride == 1) {
+    for (int64_t k = 0; k < T; ++k) out[k] = static_cast<acc_t>(src[k]);
+  } else {
+    for (int64_t k = 0; k < T; ++k) out[k] = static_cast<acc_t>(src[k * stride]);
+  }
+}
+
+// Asks for x[m, b, e, t0 .. t0 + T) to be brought into the cache. A task visits its 16
+// channels chunk by chunk: 3·M (forward) or 5·M (backward) interleaved streams per channel,
+// too many for the hardware prefetcher; each channel asks for its next chunk's lines.
+template <typename input_t>
+inline void prefetch_steps(const TensorArg& x, int64_t m, int64_t b, int64_t e, int64_t t0,
+                           int64_t T) {
+#if defined(__GNUC__)
+  if (!x.present() || x.stride[3] != 1) return;
+  const char* first = reinterpret_cast<const char*>(ptr4<input_t>(x, m, b, e, t0));
+  for (int64_t offset = 0; offset < T * int64_t(sizeof(input_t)); offset += 64)
+    __builtin_prefetch(first + offset);
+#endif
+}
+
+template <typename input_t, typename acc_t>
+inline void store_steps(const acc_t* __restrict x, int64_t T, input_t* __restrict out) {
+  for (int64_t k = 0; k < T; ++k) out[k] = static_cast<input_t>(x[k]);
+}
+
+// ---- Passes 1 and 3: loops over the steps of one chunk.
+
+template <typename acc_t>
+CM_VECTOR_CLONES void softplus_steps(int64_t T, const acc_t* __restrict x, acc_t* __restrict out) {
+#pragma omp simd
+  for (int64_t k = 0; k < T; ++k) out[k] = softplus_vec(x[k]);
+}
+
+// y *= silu(z).
+template <typename acc_t>
+CM_VECTOR_CLONES void gate_steps(int64_t T, const acc_t* __restrict z, acc_t* __restrict y) {
+#pragma omp simd
+  for (int64_t k = 0; k < T; ++k) y[k] *= z[k] * sigmoid_vec(z[k]);
+}
+
+// The gate's backward (gate_backward of scan_math.h): dy becomes dℓ/dŷ = dy·silu(z), and
+// dz = dy·ŷ·silu'(z).
+template <typename acc_t>
+CM_VECTOR_CLONES void gate_backward_steps(int64_t T, const acc_t* __restrict z,
+                                          const acc_t* __restrict y_ungated, acc_t* __restrict dy,
+                                          acc_t* __restrict dz) {
+#pragma omp simd
+  for (int64_t k = 0; k < T; ++k) {
+    const acc_t sig = sigmoid_vec(z[k]);
+    dz[k] = dy[k] * y_ungated[k] * (sig * (acc_t(1) + z[k] * (acc_t(1) - sig)));
+    dy[k] *= z[k] * sig;
+  }
+}
+
+// d *= softplus'(x) = sigmoid(x).
+template <typename acc_t>
+CM_VECTOR_CLONES void softplus_grad_steps(int64_t T, const acc_t* __restrict x, acc_t* __restrict d) {
+#pragma omp simd
+  for (int64_t k = 0; k < T; ++k) d[k] *= sigmoid_vec(x[k]);
+}
+
+// What one thread keeps for its tasks, allocated once per at::parallel_for range:
+//   per channel block: A [row][m][Np], D and β [row][m];
+//   per chunk:         B and C transposed to [m][t - t0][Np], so that loops over states are
+//                      contiguous;
+//   per channel and chunk, over the chunk's steps, [m][t - t0]: the pre-activation δ + β,
+//                      the step sizes Δ, u and Δ·u.
+template <typename acc_t>
+struct TaskScratch {
   const ScanShape s;
-  const int64_t b, e0, rows;
-  std::vector<acc_t> A;         // [row][m][n]
-  std::vector<acc_t> D, bias;   // [row][m]
-  std::vector<acc_t> w;         // [m]
-  std::vector<acc_t> B_tile, C_tile;  // [m][t - t0][n]
+  const int64_t Np;
+  int64_t b = 0, e0 = 0, rows = 0;
+  std::vector<acc_t> A, D, bias, w;
+  std::vector<acc_t> B_tile, C_tile;
+  std::vector<acc_t> pre, step, u, drive;
 
   template <typename P>
-  TaskInputs(const P& p, int64_t b_, int64_t e0_, int64_t rows_)
-      : s(p.shape), b(b_), e0(e0_), rows(rows_) {
-    const int64_t M = s.n_modalities, N = s.dstate;
-    A.resize(rows * M * N);
-    D.assign(rows * M, acc_t(0));
-    bias.assign(rows * M, acc_t(0));
-    w.resize(M);
-    for (int64_t m = 0; m < M; ++m) {
+  explicit TaskScratch(const P& p)
+      : s(p.shape),
+        Np(padded_states(s.dstate)),
+        A(kRowsPerTask * s.n_modalities * Np, acc_t(0)),
+        D(kRowsPerTask * s.n_modalities),
+        bias(kRowsPerTask * s.n_modalities),
+        w(s.n_modalities),
+        B_tile(s.n_modalities * K * Np, acc_t(0)),
+        C_tile(s.n_modalities * K * Np, acc_t(0)),
+        pre(s.n_modalities * K),
+        step(s.n_modalities * K),
+        u(s.n_modalities * K),
+        drive(s.n_modalities * K) {
+    for (int64_t m = 0; m < s.n_modalities; ++m)
       w[m] = static_cast<const acc_t*>(p.coupling.data)[m * p.coupling.stride[0]];
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t n = 0; n < N; ++n)
-          A[(r * M + m) * N + n] = at4<acc_t>(p.A, m, e0 + r, n, 0);
-        if (p.D.present()) D[r * M + m] = at2<acc_t>(p.D, m, e0 + r);
-        if (p.delta_bias.present()) bias[r * M + m] = at2<acc_t>(p.delta_bias, m, e0 + r);
-      }
-    }
-    B_tile.resize(M * kChunkLen * N);
-    C_tile.resize(M * kChunkLen * N);
   }
 
+  // Task = (batch index, block of kRowsPerTask channels).
   template <typename P>
-  void load_tiles(const P& p, int64_t t0, int64_t t1) {
+  void start_task(const P& p, int64_t task) {
+    const int64_t blocks_per_batch = (s.dim + kRowsPerTask - 1) / kRowsPerTask;
+    const int64_t M = s.n_modalities, N = s.dstate;
+    b = task / blocks_per_batch;
+    e0 = (task % blocks_per_batch) * kRowsPerTask;
+    rows = std::min(kRowsPerTask, s.dim - e0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t m = 0; m < M; ++m) {
+        const acc_t* a = ptr4<acc_t>(p.A, m, e0 + r, 0, 0);
+        for (int64_t n = 0; n < N; ++n) A[(r * M + m) * Np + n] = a[n * p.A.stride[2]];
+        D[r * M + m] = p.D.present() ? at2<acc_t>(p.D, m, e0 + r) : acc_t(0);
+        bias[r * M + m] = p.delta_bias.present() ? at2<acc_t>(p.delta_bias, m, e0 + r) : acc_t(0);
+      }
+  }
+
+  template <typename input_t, typename P>
+  void load_tiles(const P& p, int64_t t0, int64_t T) {
     const int64_t M = s.n_modalities, N = s.dstate;
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t i = (m * kChunkLen + (t - t0)) * N + n;
-          B_tile[i] = static_cast<acc_t>(at4<input_t>(p.B, m, b, n, t));
-          C_tile[i] = static_cast<acc_t>(at4<input_t>(p.C, m, b, n, t));
+      for (int64_t n = 0; n < N; ++n) {
+        const input_t* Bp = ptr4<input_t>(p.B, m, b, n, t0);
+        const input_t* Cp = ptr4<input_t>(p.C, m, b, n, t0);
+        for (int64_t k = 0; k < T; ++k) {
+          B_tile[(m * K + k) * Np + n] = static_cast<acc_t>(Bp[k * p.B.stride[3]]);
+          C_tile[(m * K + k) * Np + n] = static_cast<acc_t>(Cp[k * p.C.stride[3]]);
         }
+      }
   }
-  const acc_t* A_row(int64_t r, int64_t m) const { return &A[(r * s.n_modalities + m) * s.dstate]; }
-  const acc_t* B_at(int64_t m, int64_t dt) const { return &B_tile[(m * kChunkLen + dt) * s.dstate]; }
-  const acc_t* C_at(int64_t m, int64_t dt) const { return &C_tile[(m * kChunkLen + dt) * s.dstate]; }
+
+  // Pass 1 for channel e0 + r: pre = δ + β, step = Δ, u, drive = Δ·u over the chunk's steps.
+  template <typename input_t, typename P>
+  void load_steps_of_row(const P& p, int64_t r, int64_t t0, int64_t T) {
+    const int64_t M = s.n_modalities;
+    for (int64_t m = 0; m < M; ++m) {
+      acc_t* __restrict pre_m = &pre[m * K];
+      acc_t* __restrict step_m = &step[m * K];
+      acc_t* __restrict u_m = &u[m * K];
+      acc_t* __restrict drive_m = &drive[m * K];
+      load_steps<input_t>(p.delta, m, b, e0 + r, t0, T, pre_m);
+      load_steps<input_t>(p.u, m, b, e0 + r, t0, T, u_m);
+      const acc_t bias_m = bias[r * M + m];
+      for (int64_t k = 0; k < T; ++k) pre_m[k] += bias_m;
+      if (p.delta_softplus) {
+        softplus_steps(T, pre_m, step_m);
+      } else {
+        std::copy(pre_m, pre_m + T, step_m);
+      }
+      for (int64_t k = 0; k < T; ++k) drive_m[k] = step_m[k] * u_m[k];
+    }
+  }
+
+  const acc_t* A_row(int64_t r) const { return &A[r * s.n_modalities * Np]; }
 };
 
-// The loop over the state index n for one modality at one step: h = a·G_prev + drive·B,
-// G_next += w·h; returns Σ_n C·h. Out of line with restrict pointers, so that the
-// compiler vectorises it in every instantiation.
-template <typename acc_t>
-CM_VECTOR_CLONES acc_t modality_step(int64_t N, acc_t step, acc_t drive, acc_t w,
-                                              const acc_t* __restrict A, const acc_t* __restrict B,
-                                              const acc_t* __restrict C,
-                                              const acc_t* __restrict G_prev,
-                                              acc_t* __restrict G_next) {
-  acc_t y = 0;
-#pragma omp simd reduction(+ : y)
-  for (int64_t n = 0; n < N; ++n) {
-    const acc_t h = modality_state(exp_vec(step * A[n]), G_prev[n], drive, B[n]);
-    y += C[n] * h;
-    G_next[n] += w * h;
-  }
-  return y;
-}
+// ---- Pass 2: the recurrences of one channel through one chunk of T steps.
+// step, drive, u, dyhat, yhat, d_step, d_u: [m][t] (row length K); A: [m][Np];
+// B, C, decays, dB, dC: [m][t][Np]; history: [t][Np].
 
+// decays[m][t] = exp(Δ[m,t]·A[m]) for the whole chunk, before the recurrence: the arguments
+// first, then the exponentials in one flat loop over T·Np values per modality. (Inside the
+// recurrence's loop over 16 states, the exponential's constants are reloaded at every
+// (modality, step).)
 template <typename acc_t>
-struct StepGradSums {
-  acc_t d_step, d_u, d_w;  // Σ over n of the modality-state gradients (see modality_step_backward)
-};
-
-// Backward of modality_step for one modality at one step. Given dyhat = dℓ/dŷ and lambda =
-// dℓ/dG at this step, forms mu = dℓ/dh = dyhat·C + w·lambda per state and accumulates the
-// per-state gradients (dA, dB, dC, and dℓ/dG_prev into lambda_prev); returns the sums over
-// n of dℓ/dΔ, dℓ/du and dℓ/dw.
-template <typename acc_t>
-CM_VECTOR_CLONES StepGradSums<acc_t> modality_step_backward(
-    int64_t N, acc_t step, acc_t u, acc_t w, acc_t dyhat, const acc_t* __restrict A,
-    const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict G_prev,
-    const acc_t* __restrict lambda, acc_t* __restrict dA, acc_t* __restrict dB,
-    acc_t* __restrict dC, acc_t* __restrict lambda_prev) {
-  const acc_t drive = step * u;
-  acc_t d_step = 0, d_u = 0, d_w = 0;
-#pragma omp simd reduction(+ : d_step, d_u, d_w)
-  for (int64_t n = 0; n < N; ++n) {
-    const acc_t decay = exp_vec(step * A[n]);
-    const acc_t h = modality_state(decay, G_prev[n], drive, B[n]);
-    const acc_t mu = dyhat * C[n] + w * lambda[n];
-    const ModalityStateGrad<acc_t> g = modality_state_grad(mu, decay, G_prev[n], step, A[n], B[n], u);
-    d_step += g.d_step;
-    d_u += g.d_u;
-    d_w += lambda[n] * h;
-    dA[n] += g.d_A;
-    dB[n] += g.d_B;
-    dC[n] += dyhat * h;
-    lambda_prev[n] += g.d_coupled_prev;
-  }
-  return {d_step, d_u, d_w};
-}
-
-// One time step of one channel: from the coupled state G_prev to G_next = Σ_m w_m h_m.
-// When yhat is given, also yhat[m] = Σ_n C·h_m + D·u (the output before the gate).
-template <typename input_t, typename acc_t, typename P>
-inline void advance_row(const P& p, const TaskInputs<input_t, acc_t>& in, int64_t r, int64_t t,
-                        int64_t t0, const acc_t* G_prev, acc_t* G_next, acc_t* yhat) {
-  const int64_t M = in.s.n_modalities, N = in.s.dstate, e = in.e0 + r;
-  std::fill(G_next, G_next + N, acc_t(0));
+CM_VECTOR_CLONES void chunk_decays(int64_t M, int64_t Np, int64_t T, const acc_t* __restrict step,
+                                   const acc_t* __restrict A, acc_t* __restrict decays) {
   for (int64_t m = 0; m < M; ++m) {
-    const acc_t raw = static_cast<acc_t>(at4<input_t>(p.delta, m, in.b, e, t));
-    const acc_t step = step_size(raw, in.bias[r * M + m], p.delta_softplus);
-    const acc_t u = static_cast<acc_t>(at4<input_t>(p.u, m, in.b, e, t));
-    const acc_t y = modality_step(N, step, step * u, in.w[m], in.A_row(r, m), in.B_at(m, t - t0),
-                                  in.C_at(m, t - t0), G_prev, G_next);
-    if (yhat) yhat[m] = y + in.D[r * M + m] * u;
+    const acc_t* __restrict Am = A + m * Np;
+    acc_t* __restrict decay_m = decays + m * K * Np;
+    for (int64_t t = 0; t < T; ++t) {
+      const acc_t dt = step[m * K + t];
+#pragma omp simd
+      for (int64_t n = 0; n < Np; ++n) decay_m[t * Np + n] = dt * Am[n];
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < T * Np; ++i) decay_m[i] = exp_vec(decay_m[i]);
   }
+}
+
+// Forward. G holds the coupled state at the chunk start on entry, at its end on return;
+// spare is Np values of scratch. yhat[m][t] = Σ_n C·h_m (without the D·u term).
+template <typename acc_t>
+CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
+                                         const acc_t* __restrict drive,
+                                         const acc_t* __restrict w,
+                                         const acc_t* __restrict decays,
+                                         const acc_t* __restrict B, const acc_t* __restrict C,
+                                         acc_t* G, acc_t* spare, acc_t* __restrict yhat) {
+  acc_t* G_prev = G;
+  acc_t* G_next = spare;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t m = 0; m < M; ++m) {
+      const acc_t dr = drive[m * K + t], wm = w[m];
+      const acc_t* __restrict decay_m = decays + (m * K + t) * Np;
+      const acc_t* __restrict Bm = B + (m * K + t) * Np;
+      const acc_t* __restrict Cm = C + (m * K + t) * Np;
+      const bool first = m == 0;
+      acc_t part[kLanes] = {};
+      for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
+#pragma omp simd
+        for (int64_t j = 0; j < kLanes; ++j) {
+          const int64_t n = n0 + j;
+          const acc_t h = modality_state(decay_m[n], G_prev[n], dr, Bm[n]);
+          part[j] += Cm[n] * h;
+          G_next[n] = first ? wm * h : G_next[n] + wm * h;
+        }
+      }
+      yhat[m * K + t] = sum_lanes(part);
+    }
+    std::swap(G_prev, G_next);
+  }
+  if (G_prev != G) std::copy(G_prev, G_prev + Np, G);
+}
+
+// Backward's recomputation of one chunk from the decays: history[t] = G[t - 1] (history[0]
+// holds the chunk start on entry). The state after the chunk's last step is the next
+// chunk's saved start: not needed.
+template <typename acc_t>
+CM_VECTOR_CLONES void scan_chunk_recompute(int64_t M, int64_t Np, int64_t T,
+                                           const acc_t* __restrict drive,
+                                           const acc_t* __restrict w,
+                                           const acc_t* __restrict decays,
+                                           const acc_t* __restrict B, acc_t* __restrict history) {
+  for (int64_t t = 0; t + 1 < T; ++t) {
+    const acc_t* __restrict G_prev = history + t * Np;
+    acc_t* __restrict G_next = history + (t + 1) * Np;
+    for (int64_t m = 0; m < M; ++m) {
+      const acc_t dr = drive[m * K + t], wm = w[m];
+      const acc_t* __restrict decay_m = decays + (m * K + t) * Np;
+      const acc_t* __restrict Bm = B + (m * K + t) * Np;
+      const bool first = m == 0;
+      for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
+#pragma omp simd
+        for (int64_t j = 0; j < kLanes; ++j) {
+          const int64_t n = n0 + j;
+          const acc_t h = modality_state(decay_m[n], G_prev[n], dr, Bm[n]);
+          G_next[n] = first ? wm * h : G_next[n] + wm * h;
+        }
+      }
+    }
+  }
+}
+
+// Backward. lambda holds dℓ/dG at the chunk's last step on entry and dℓ/dG just before the
+// chunk on return; spare is Np values of scratch. For each (m, t): mu = dℓ/dh = dyhat·C +
+// w·lambda per state; the per-state gradients go to dA [m][Np], dB, dC and dw [m][Np]
+// (summed over states later), the sums over states of dℓ/dΔ and dℓ/du to d_step, d_u.
+template <typename acc_t>
+CM_VECTOR_CLONES void scan_chunk_backward(
+    int64_t M, int64_t Np, int64_t T, const acc_t* __restrict step, const acc_t* __restrict u,
+    const acc_t* __restrict drive, const acc_t* __restrict w, const acc_t* __restrict dyhat,
+    const acc_t* __restrict A, const acc_t* __restrict B, const acc_t* __restrict C,
+    const acc_t* __restrict history, const acc_t* __restrict decays, acc_t* lambda, acc_t* spare,
+    acc_t* __restrict dA, acc_t* __restrict dB, acc_t* __restrict dC, acc_t* __restrict dw,
+    acc_t* __restrict d_step, acc_t* __restrict d_u) {
+  acc_t* lam = lambda;
+  acc_t* lam_prev = spare;
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const acc_t* __restrict G_prev = history + t * Np;
+    for (int64_t m = 0; m < M; ++m) {
+      const acc_t dt = step[m * K + t], um = u[m * K + t], dr = drive[m * K + t];
+      const acc_t dy = dyhat[m * K + t], wm = w[m];
+      const acc_t* __restrict Am = A + m * Np;
+      const acc_t* __restrict Bm = B + (m * K + t) * Np;
+      const acc_t* __restrict Cm = C + (m * K + t) * Np;
+      const acc_t* __restrict decay_m = decays + (m * K + t) * Np;
+      acc_t* __restrict dAm = dA + m * Np;
+      acc_t* __restrict dBm = dB + (m * K + t) * Np;
+      acc_t* __restrict dCm = dC + (m * K + t) * Np;
+      acc_t* __restrict dwm = dw + m * Np;
+      const bool first = m == 0;
+      acc_t part_step[kLanes] = {}, part_u[kLanes] = {};
+      for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
+#pragma omp simd
+        for (int64_t j = 0; j < kLanes; ++j) {
+          const int64_t n = n0 + j;
+          const acc_t h = modality_state(decay_m[n], G_prev[n], dr, Bm[n]);
+          const acc_t mu = dy * Cm[n] + wm * lam[n];
+          const ModalityStateGrad<acc_t> g =
+              modality_state_grad(mu, decay_m[n], G_prev[n], dt, Am[n], Bm[n], um);
+          part_step[j] += g.d_step;
+          part_u[j] += g.d_u;
+          dwm[n] += lam[n] * h;
+          dAm[n] += g.d_A;
+          dBm[n] += g.d_B;
+          dCm[n] += dy * h;
+          lam_prev[n] = first ? g.d_coupled_prev : lam_prev[n] + g.d_coupled_prev;
+        }
+      }
+      d_step[m * K + t] = sum_lanes(part_step);
+      d_u[m * K + t] = sum_lanes(part_u);
+    }
+    std::swap(lam, lam_prev);
+  }
+  if (lam != lambda) std::copy(lam, lam + Np, lambda);
 }
 
 }  // namespace
@@ -195,50 +405,67 @@ template <typename input_t>
 void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
   using acc_t = cpu_acc_t<input_t>;
   const ScanShape s = p.shape;
-  const int64_t M = s.n_modalities, N = s.dstate, L = s.seqlen;
+  const int64_t M = s.n_modalities, N = s.dstate, L = s.seqlen, Np = padded_states(N);
   const int64_t blocks_per_batch = (s.dim + kRowsPerTask - 1) / kRowsPerTask;
   auto* y_out = static_cast<input_t*>(p.y);
   auto* y_ungated_out = static_cast<input_t*>(p.y_ungated);
   auto* chunk_states = static_cast<acc_t*>(p.chunk_states);
   auto* final_state = static_cast<acc_t*>(p.final_state);
 
-  at::parallel_for(0, s.batch * blocks_per_batch, parallel_grain(s), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> next(N), yhat(M);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks_per_batch;
-      const int64_t e0 = (task % blocks_per_batch) * kRowsPerTask;
-      const int64_t rows = std::min(kRowsPerTask, s.dim - e0);
-      TaskInputs<input_t, acc_t> in(p, b, e0, rows);
-      std::vector<acc_t> G(rows * N, acc_t(0));  // [row][n], the coupled state of each channel
+  const int64_t n_tasks = s.batch * blocks_per_batch;
+  // at::parallel_for decides how many threads work (by the grain); the tasks themselves are
+  // handed out one at a time from this counter rather than in its equal static ranges: on
+  // a machine shared with other jobs, a thread that loses its core takes fewer tasks
+  // instead of holding the others up.
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, n_tasks, parallel_grain(s), [&](int64_t, int64_t) {
+    const cpu::FlushDenormals flush_denormals;
+    TaskScratch<acc_t> in(p);
+    // G[row][Np]: the coupled state of each channel (padded states stay 0).
+    std::vector<acc_t> G(kRowsPerTask * Np), spare(Np), decays(M * K * Np), yhat(M * K), z(K);
+    for (int64_t task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
+      in.start_task(p, task);
+      const int64_t b = in.b, e0 = in.e0, rows = in.rows;
+      // Padded states are reset too: a non-finite channel leaves non-finite padded states.
+      std::fill(G.begin(), G.end(), acc_t(0));
       if (p.initial_state.present())
         for (int64_t r = 0; r < rows; ++r)
-          for (int64_t n = 0; n < N; ++n) G[r * N + n] = at4<acc_t>(p.initial_state, b, e0 + r, n, 0);
+          for (int64_t n = 0; n < N; ++n)
+            G[r * Np + n] = ptr4<acc_t>(p.initial_state, b, e0 + r, n, 0)[0];
 
       for (int64_t c = 0; c < s.n_chunks; ++c) {
-        const int64_t t0 = c * kChunkLen, t1 = std::min(L, t0 + kChunkLen);
-        in.load_tiles(p, t0, t1);
+        const int64_t t0 = c * K, T = std::min(L - t0, K);
+        in.template load_tiles<input_t>(p, t0, T);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t e = e0 + r;
-          acc_t* state = &G[r * N];
+          acc_t* state = &G[r * Np];
           std::copy(state, state + N, &chunk_states[((b * s.dim + e) * s.n_chunks + c) * N]);
-          for (int64_t t = t0; t < t1; ++t) {
-            advance_row(p, in, r, t, t0, state, next.data(), yhat.data());
-            std::copy(next.begin(), next.end(), state);
-            for (int64_t m = 0; m < M; ++m) {
-              const int64_t i = ((m * s.batch + b) * s.dim + e) * L + t;
-              if (p.z.present()) {
-                const acc_t z = static_cast<acc_t>(at4<input_t>(p.z, m, b, e, t));
-                y_ungated_out[i] = static_cast<input_t>(yhat[m]);
-                y_out[i] = static_cast<input_t>(yhat[m] * silu(z));
-              } else {
-                y_out[i] = static_cast<input_t>(yhat[m]);
-              }
+          in.template load_steps_of_row<input_t>(p, r, t0, T);
+          chunk_decays(M, Np, T, in.step.data(), in.A_row(r), decays.data());
+          scan_chunk_forward(M, Np, T, in.drive.data(), in.w.data(), decays.data(),
+                             in.B_tile.data(), in.C_tile.data(), state, spare.data(), yhat.data());
+          // Pass 3: ŷ = Σ_n C·h + D·u, y = ŷ·silu(z).
+          for (int64_t m = 0; m < M; ++m) {
+            const int64_t out = ((m * s.batch + b) * s.dim + e) * L + t0;
+            const acc_t D = in.D[r * M + m];
+            const acc_t* __restrict u_m = &in.u[m * K];
+            acc_t* __restrict yhat_m = &yhat[m * K];
+            for (int64_t k = 0; k < T; ++k) yhat_m[k] += D * u_m[k];
+            if (p.z.present()) {
+              store_steps(yhat_m, T, &y_ungated_out[out]);
+              load_steps<input_t>(p.z, m, b, e, t0, T, z.data());
+              gate_steps(T, z.data(), yhat_m);
             }
+            store_steps(yhat_m, T, &y_out[out]);
           }
+          if (c + 1 < s.n_chunks)
+            for (int64_t m = 0; m < M; ++m)
+              for (const TensorArg* x : {&p.delta, &p.u, &p.z})
+                prefetch_steps<input_t>(*x, m, b, e, t0 + K, std::min(L - t0 - K, K));
         }
       }
       for (int64_t r = 0; r < rows; ++r)
-        std::copy(&G[r * N], &G[r * N] + N, &final_state[(b * s.dim + e0 + r) * N]);
+        std::copy(&G[r * Np], &G[r * Np] + N, &final_state[(b * s.dim + e0 + r) * N]);
     }
   });
 }
@@ -247,7 +474,7 @@ template <typename input_t>
 void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
   using acc_t = cpu_acc_t<input_t>;
   const ScanShape s = p.shape;
-  const int64_t M = s.n_modalities, N = s.dstate, L = s.seqlen;
+  const int64_t M = s.n_modalities, N = s.dstate, L = s.seqlen, Np = padded_states(N);
   const int64_t blocks_per_batch = (s.dim + kRowsPerTask - 1) / kRowsPerTask;
   auto* du_out = static_cast<input_t*>(p.du);
   auto* ddelta_out = static_cast<input_t*>(p.ddelta);
@@ -263,76 +490,90 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
   // each task accumulates privately and adds its sums under this lock.
   std::mutex flush_lock;
 
-  at::parallel_for(0, s.batch * blocks_per_batch, parallel_grain(s), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> history(kChunkLen * N);  // G[t-1] for every t of the chunk
-    std::vector<acc_t> lambda_prev(N), next(N);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks_per_batch;
-      const int64_t e0 = (task % blocks_per_batch) * kRowsPerTask;
-      const int64_t rows = std::min(kRowsPerTask, s.dim - e0);
-      TaskInputs<input_t, acc_t> in(p, b, e0, rows);
+  const int64_t n_tasks = s.batch * blocks_per_batch;
+  std::atomic<int64_t> next_task{0};  // see the forward kernel
+  at::parallel_for(0, n_tasks, parallel_grain(s), [&](int64_t, int64_t) {
+    const cpu::FlushDenormals flush_denormals;
+    TaskScratch<acc_t> in(p);
+    // history[0]'s padded states stay 0 (only the first N are written from the saved states).
+    std::vector<acc_t> history(K * Np, acc_t(0)), decays(M * K * Np), spare(Np);
+    std::vector<acc_t> dyhat(M * K), d_step(M * K), d_u(M * K), z(K), y_ungated(K), dz(K);
+    std::vector<acc_t> lambda(kRowsPerTask * Np), dA(kRowsPerTask * M * Np),
+        dD(kRowsPerTask * M), dbias(kRowsPerTask * M), dB_tile(M * K * Np), dC_tile(M * K * Np);
+    std::vector<acc_t> dw(M * Np, acc_t(0));  // [m][Np], summed over states once per thread
+    for (int64_t task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
+      in.start_task(p, task);
+      const int64_t b = in.b, e0 = in.e0, rows = in.rows;
       // lambda = dℓ/dG[t] per channel, starting from the final state's gradient.
-      std::vector<acc_t> lambda(rows * N, acc_t(0));
+      std::fill(lambda.begin(), lambda.end(), acc_t(0));  // padded states too, as in forward
       if (p.dfinal_state.present())
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t n = 0; n < N; ++n)
-            lambda[r * N + n] = at4<acc_t>(p.dfinal_state, b, e0 + r, n, 0);
-      std::vector<acc_t> dA(rows * M * N, acc_t(0)), dD(rows * M, acc_t(0)),
-          dbias(rows * M, acc_t(0)), dw(M, acc_t(0));
-      std::vector<acc_t> dB_tile(M * kChunkLen * N), dC_tile(M * kChunkLen * N);
+            lambda[r * Np + n] = ptr4<acc_t>(p.dfinal_state, b, e0 + r, n, 0)[0];
+      std::fill(dA.begin(), dA.end(), acc_t(0));
+      std::fill(dD.begin(), dD.end(), acc_t(0));
+      std::fill(dbias.begin(), dbias.end(), acc_t(0));
 
       for (int64_t c = s.n_chunks - 1; c >= 0; --c) {
-        const int64_t t0 = c * kChunkLen, t1 = std::min(L, t0 + kChunkLen);
-        in.load_tiles(p, t0, t1);
+        const int64_t t0 = c * K, T = std::min(L - t0, K);
+        in.template load_tiles<input_t>(p, t0, T);
         std::fill(dB_tile.begin(), dB_tile.end(), acc_t(0));
         std::fill(dC_tile.begin(), dC_tile.end(), acc_t(0));
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t e = e0 + r;
-          // Recompute G[t-1] for the chunk from its saved start.
-          for (int64_t n = 0; n < N; ++n) history[n] = at4<acc_t>(p.chunk_states, b, e, c, n);
-          for (int64_t t = t0; t + 1 < t1; ++t)
-            advance_row<input_t, acc_t>(p, in, r, t, t0, &history[(t - t0) * N],
-                                        &history[(t + 1 - t0) * N], nullptr);
-          acc_t* lam = &lambda[r * N];
-          for (int64_t t = t1 - 1; t >= t0; --t) {
-            const acc_t* __restrict G_prev = &history[(t - t0) * N];
-            std::fill(lambda_prev.begin(), lambda_prev.end(), acc_t(0));
-            for (int64_t m = 0; m < M; ++m) {
-              const acc_t raw = static_cast<acc_t>(at4<input_t>(p.delta, m, b, e, t));
-              const acc_t bias = in.bias[r * M + m];
-              const acc_t step = step_size(raw, bias, p.delta_softplus);
-              const acc_t u = static_cast<acc_t>(at4<input_t>(p.u, m, b, e, t));
-              const acc_t dy = static_cast<acc_t>(at4<input_t>(p.dy, m, b, e, t));
-              const int64_t i = ((m * s.batch + b) * s.dim + e) * L + t;
-              acc_t dyhat = dy;
-              if (p.z.present()) {
-                acc_t dz;
-                dyhat = gate_backward(dy, static_cast<acc_t>(at4<input_t>(p.y_ungated, m, b, e, t)),
-                                      static_cast<acc_t>(at4<input_t>(p.z, m, b, e, t)), &dz);
-                dz_out[i] = static_cast<input_t>(dz);
-              }
-              const StepGradSums<acc_t> sums = modality_step_backward(
-                  N, step, u, in.w[m], dyhat, in.A_row(r, m), in.B_at(m, t - t0),
-                  in.C_at(m, t - t0), G_prev, lam, &dA[(r * M + m) * N],
-                  &dB_tile[(m * kChunkLen + (t - t0)) * N], &dC_tile[(m * kChunkLen + (t - t0)) * N],
-                  lambda_prev.data());
-              dw[m] += sums.d_w;
-              dD[r * M + m] += dyhat * u;
-              du_out[i] = static_cast<input_t>(sums.d_u + dyhat * in.D[r * M + m]);
-              const acc_t d_raw = step_size_grad(sums.d_step, raw, bias, p.delta_softplus);
-              ddelta_out[i] = static_cast<input_t>(d_raw);
-              dbias[r * M + m] += d_raw;
-            }
-            std::copy(lambda_prev.begin(), lambda_prev.end(), lam);
+          in.template load_steps_of_row<input_t>(p, r, t0, T);
+          // Pass 1, the gate: dŷ = dy·silu(z), dz = dy·ŷ·silu'(z).
+          for (int64_t m = 0; m < M; ++m) {
+            acc_t* dyhat_m = &dyhat[m * K];
+            load_steps<input_t>(p.dy, m, b, e, t0, T, dyhat_m);
+            if (!p.z.present()) continue;
+            load_steps<input_t>(p.z, m, b, e, t0, T, z.data());
+            load_steps<input_t>(p.y_ungated, m, b, e, t0, T, y_ungated.data());
+            gate_backward_steps(T, z.data(), y_ungated.data(), dyhat_m, dz.data());
+            store_steps(dz.data(), T, &dz_out[((m * s.batch + b) * s.dim + e) * L + t0]);
           }
+          // Pass 2: recompute the chunk from its saved start, then walk it backwards.
+          for (int64_t n = 0; n < N; ++n) history[n] = ptr4<acc_t>(p.chunk_states, b, e, c, n)[0];
+          chunk_decays(M, Np, T, in.step.data(), in.A_row(r), decays.data());
+          scan_chunk_recompute(M, Np, T, in.drive.data(), in.w.data(), decays.data(),
+                               in.B_tile.data(), history.data());
+          scan_chunk_backward(M, Np, T, in.step.data(), in.u.data(), in.drive.data(), in.w.data(),
+                              dyhat.data(), in.A_row(r), in.B_tile.data(), in.C_tile.data(),
+                              history.data(), decays.data(), &lambda[r * Np], spare.data(),
+                              &dA[r * M * Np], dB_tile.data(), dC_tile.data(), dw.data(),
+                              d_step.data(), d_u.data());
+          // Pass 3: du = Σ_n dℓ/du + dŷ·D, dδ = dℓ/dΔ · softplus'(δ + β); D and β gradients.
+          for (int64_t m = 0; m < M; ++m) {
+            const int64_t out = ((m * s.batch + b) * s.dim + e) * L + t0;
+            const acc_t D = in.D[r * M + m];
+            const acc_t* __restrict dyhat_m = &dyhat[m * K];
+            const acc_t* __restrict u_m = &in.u[m * K];
+            acc_t* __restrict d_step_m = &d_step[m * K];
+            acc_t* __restrict d_u_m = &d_u[m * K];
+            if (p.delta_softplus) softplus_grad_steps(T, &in.pre[m * K], d_step_m);
+            acc_t sum_dD = 0, sum_dbias = 0;
+            for (int64_t k = 0; k < T; ++k) {
+              d_u_m[k] += dyhat_m[k] * D;
+              sum_dD += dyhat_m[k] * u_m[k];
+              sum_dbias += d_step_m[k];
+            }
+            dD[r * M + m] += sum_dD;
+            dbias[r * M + m] += sum_dbias;
+            store_steps(d_u_m, T, &du_out[out]);
+            store_steps(d_step_m, T, &ddelta_out[out]);
+          }
+          if (c > 0)
+            for (int64_t m = 0; m < M; ++m)
+              for (const TensorArg* x : {&p.delta, &p.u, &p.dy, &p.z, &p.y_ungated})
+                prefetch_steps<input_t>(*x, m, b, e, t0 - K, K);
         }
         std::lock_guard<std::mutex> guard(flush_lock);
         for (int64_t m = 0; m < M; ++m)
           for (int64_t n = 0; n < N; ++n)
-            for (int64_t t = t0; t < t1; ++t) {
-              const int64_t tile = (m * kChunkLen + (t - t0)) * N + n;
+            for (int64_t k = 0; k < T; ++k) {
+              const int64_t tile = (m * K + k) * Np + n;
               const int64_t out = m * p.dBC_stride[0] + b * p.dBC_stride[1] +
-                                  n * p.dBC_stride[2] + t * p.dBC_stride[3];
+                                  n * p.dBC_stride[2] + (t0 + k) * p.dBC_stride[3];
               dB_out[out] += dB_tile[tile];
               dC_out[out] += dC_tile[tile];
             }
@@ -340,15 +581,17 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
       std::lock_guard<std::mutex> guard(flush_lock);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t e = e0 + r;
-        std::copy(&lambda[r * N], &lambda[r * N] + N, &dinit_out[(b * s.dim + e) * N]);
+        std::copy(&lambda[r * Np], &lambda[r * Np] + N, &dinit_out[(b * s.dim + e) * N]);
         for (int64_t m = 0; m < M; ++m) {
-          for (int64_t n = 0; n < N; ++n) dA_out[(m * s.dim + e) * N + n] += dA[(r * M + m) * N + n];
+          for (int64_t n = 0; n < N; ++n) dA_out[(m * s.dim + e) * N + n] += dA[(r * M + m) * Np + n];
           if (dD_out) dD_out[m * s.dim + e] += dD[r * M + m];
           if (dbias_out) dbias_out[m * s.dim + e] += dbias[r * M + m];
         }
       }
-      for (int64_t m = 0; m < M; ++m) dw_out[m] += dw[m];
     }
+    std::lock_guard<std::mutex> guard(flush_lock);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) dw_out[m] += dw[m * Np + n];
   });
 }
 

@@ -1,0 +1,91 @@
+// Special functions for the CPU kernels, written so that gcc and clang vectorise the loops
+// that call them (glibc's expf / log1pf are calls a compiler cannot vectorise). The float
+// versions are accurate to a few ulp, well inside SPEC §5's 1e-5; the double versions (the
+// gradcheck build) are the scalar functions of include/coupled_mamba/scan_math.h.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cmath>
+
+#if defined(__SSE__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
+#include "coupled_mamba/scan_math.h"
+
+namespace coupled_mamba {
+namespace cpu {
+
+// exp: range reduction to 2^k · e^r with |r| <= ln2/2, then Cephes' degree-6 polynomial for
+// e^r (relative error about 2e-7). The input is clamped to [-87, 88]: below, it returns ~1e-38
+// instead of a denormal or 0, far below fp32's resolution of the sums it enters; above, it
+// saturates at ~1.7e38. NaN propagates (std::max / std::min keep a NaN first argument).
+inline float exp_vec(float x) {
+  x = std::max(x, -87.0f);
+  x = std::min(x, 88.0f);
+  // Round to nearest by adding and subtracting 1.5·2^23 (vectorises; floorf does not).
+  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+inline double exp_vec(double x) { return std::exp(x); }
+
+// log1p(x) for x in [0, 1]: 2·atanh(s) with s = x / (2 + x) in [0, 1/3], its odd series to
+// s^15 (truncation below 2e-9 relative). No cancellation near 0, a division that vectorises.
+inline float log1p_unit_vec(float x) {
+  const float s = x / (2.0f + x);
+  const float s2 = s * s;
+  float q = 1.0f / 15;
+  q = q * s2 + 1.0f / 13;
+  q = q * s2 + 1.0f / 11;
+  q = q * s2 + 1.0f / 9;
+  q = q * s2 + 1.0f / 7;
+  q = q * s2 + 1.0f / 5;
+  q = q * s2 + 1.0f / 3;
+  const float s_twice = 2.0f * s;
+  return s_twice + s_twice * s2 * q;
+}
+
+// softplus(x) = max(x, 0) + log1p(e^-|x|): no overflow, and equal to x in fp32 above 20
+// (torch's threshold) since e^-20 is below half an ulp of 20.
+inline float softplus_vec(float x) {
+  return std::max(x, 0.0f) + log1p_unit_vec(exp_vec(-std::fabs(x)));
+}
+inline double softplus_vec(double x) { return softplus(x); }
+
+inline float sigmoid_vec(float x) { return 1.0f / (1.0f + exp_vec(-x)); }
+inline double sigmoid_vec(double x) { return sigmoid(x); }
+
+// Flushes denormal results and operands to zero (MXCSR's FTZ and DAZ, as
+// torch.set_flush_denormal does) in the calling thread while it lives, and restores the
+// previous mode after. The scan makes denormals routinely: exp(Δ·A) is ~1e-38 when Δ·A is
+// below -87 (exp_vec's clamp) and its product with a state is then denormal; and gcc
+// evaluates both sides of exp_vec's clamps in every lane and blends, so the clamped side's
+// products are computed even for ordinary inputs. Each denormal costs a microcode assist
+// (~100 cycles on Intel cores): without this the forward pass ran several times slower.
+// Values below 1.2e-38 are far under fp32's resolution of the sums they enter.
+class FlushDenormals {
+ public:
+#if defined(__SSE__) || defined(_M_X64)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFlushToZero | kDenormalsAreZero); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFlushToZero = 0x8000, kDenormalsAreZero = 0x0040;
+  unsigned saved_;
+#endif
+ public:
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+};
+
+}  // namespace cpu
+}  // namespace coupled_mamba
