@@ -347,8 +347,8 @@ CM_VECTOR_CLONES void scan_chunk_recompute(int64_t M, int64_t Np, int64_t T,
 
 // Backward. lambda holds dℓ/dG at the chunk's last step on entry and dℓ/dG just before the
 // chunk on return; spare is Np values of scratch. For each (m, t): mu = dℓ/dh = dyhat·C +
-// w·lambda per state; the per-state gradients go to dA [m][Np], dB, dC and dw [m][Np]
-// (summed over states later), the sums over states of dℓ/dΔ and dℓ/du to d_step, d_u.
+// w·lambda per state; the per-state gradients go to dA [m][Np], dB and dC, the sums over
+// states of dℓ/dw to dw [m] and of dℓ/dΔ and dℓ/du to d_step, d_u.
 template <typename acc_t>
 CM_VECTOR_CLONES void scan_chunk_backward(
     int64_t M, int64_t Np, int64_t T, const acc_t* __restrict step, const acc_t* __restrict u,
@@ -371,9 +371,8 @@ CM_VECTOR_CLONES void scan_chunk_backward(
       acc_t* __restrict dAm = dA + m * Np;
       acc_t* __restrict dBm = dB + (m * K + t) * Np;
       acc_t* __restrict dCm = dC + (m * K + t) * Np;
-      acc_t* __restrict dwm = dw + m * Np;
       const bool first = m == 0;
-      acc_t part_step[kLanes] = {}, part_u[kLanes] = {};
+      acc_t part_step[kLanes] = {}, part_u[kLanes] = {}, part_w[kLanes] = {};
       for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
 #pragma omp simd
         for (int64_t j = 0; j < kLanes; ++j) {
@@ -384,7 +383,7 @@ CM_VECTOR_CLONES void scan_chunk_backward(
               modality_state_grad(mu, decay_m[n], G_prev[n], dt, Am[n], Bm[n], um);
           part_step[j] += g.d_step;
           part_u[j] += g.d_u;
-          dwm[n] += lam[n] * h;
+          part_w[j] += lam[n] * h;
           dAm[n] += g.d_A;
           dBm[n] += g.d_B;
           dCm[n] += dy * h;
@@ -393,6 +392,7 @@ CM_VECTOR_CLONES void scan_chunk_backward(
       }
       d_step[m * K + t] = sum_lanes(part_step);
       d_u[m * K + t] = sum_lanes(part_u);
+      dw[m] += sum_lanes(part_w);
     }
     std::swap(lam, lam_prev);
   }
@@ -500,7 +500,7 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
     std::vector<acc_t> dyhat(M * K), d_step(M * K), d_u(M * K), z(K), y_ungated(K), dz(K);
     std::vector<acc_t> lambda(kRowsPerTask * Np), dA(kRowsPerTask * M * Np),
         dD(kRowsPerTask * M), dbias(kRowsPerTask * M), dB_tile(M * K * Np), dC_tile(M * K * Np);
-    std::vector<acc_t> dw(M * Np, acc_t(0));  // [m][Np], summed over states once per thread
+    std::vector<acc_t> dw(M, acc_t(0));  // [m], this thread's sum
     for (int64_t task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
       in.start_task(p, task);
       const int64_t b = in.b, e0 = in.e0, rows = in.rows;
@@ -590,8 +590,7 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
       }
     }
     std::lock_guard<std::mutex> guard(flush_lock);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) dw_out[m] += dw[m * Np + n];
+    for (int64_t m = 0; m < M; ++m) dw_out[m] += dw[m];
   });
 }
 
