@@ -11,8 +11,10 @@
 //  3. form μ_m = dŷ_m·C_m + w_m·λ and every per-element gradient.
 // So each exponential is computed once in backward (twice in forward + backward together).
 //
-// Sums over channels: dB and dC (over e) of one state and tile are summed over the block's
-// rows in shared memory and reach global memory with one atomic per block and element; dA
+// B, C and A of a group of states are staged in shared memory per block, as in forward.
+// Sums over channels: dB and dC (over e) of the staged states and the tile are summed over
+// the block's rows in shared memory and reach global memory with one atomic per block and
+// element; dA
 // (over b) with one atomic per row, tile and element after a segment sum; dD, dΔ-bias and
 // the coupling's gradient are summed per thread and reduced once at the end.
 #include <algorithm>
