@@ -16,13 +16,17 @@ def base_inputs(dtype=torch.float32):
     return make_scan_inputs(M, BATCH, DIM, L, N, dtype=dtype, seed=0)
 
 
-def _set(**changes):
-    """A case: the base inputs with some arguments replaced (functions of the base inputs)."""
+def _modified(make_base, **changes):
+    """A case: make_base()'s inputs with some arguments replaced (functions of those inputs)."""
     def make():
-        inputs = base_inputs()
+        inputs = make_base()
         inputs.update({k: f(inputs) for k, f in changes.items()})
         return inputs
     return make
+
+
+def _set(**changes):
+    return _modified(base_inputs, **changes)
 
 
 def _randn(*shape, dtype=torch.float32):
@@ -151,11 +155,7 @@ def update_inputs():
 
 
 def _update(**changes):
-    def make():
-        inputs = update_inputs()
-        inputs.update({k: f(inputs) for k, f in changes.items()})
-        return inputs
-    return make
+    return _modified(update_inputs, **changes)
 
 
 # The step's arguments have no L axis: messages name the shapes the caller passed.

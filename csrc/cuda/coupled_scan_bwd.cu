@@ -14,11 +14,8 @@
 // B, C and A of a group of states are staged in shared memory per block, as in forward.
 // Sums over channels: dB and dC (over e) of the staged states and the tile are summed over
 // the block's rows in shared memory and reach global memory with one atomic per block and
-// element; dA
-// (over b) with one atomic per row, tile and element after a segment sum; dD, dΔ-bias and
-// the coupling's gradient are summed per thread and reduced once at the end.
-#include <algorithm>
-
+// element; dA (over b) with one atomic per row, tile and element after a segment sum; dD,
+// dΔ-bias and the coupling's gradient are summed per thread and reduced once at the end.
 #include "coupled_scan_cuda.h"
 #include "scan_cuda_common.cuh"
 
@@ -271,19 +268,11 @@ __global__ void __launch_bounds__(kBwdThreads, COUPLED_MAMBA_BWD_MIN_BLOCKS)
 
 template <typename input_t, typename Tiling>
 cudaError_t launch_bwd(const ScanBwdParams& p, cudaStream_t stream) {
-  const ScanShape& s = p.shape;
-  const RowShape shape = row_shape<Tiling>(s.seqlen);
-  const int rows_per_block = kBwdThreads / shape.S;
-  const int64_t blocks = s.batch * ((s.dim + rows_per_block - 1) / rows_per_block);
-  if (blocks == 0 || shape.n_tiles == 0) return cudaSuccess;
-  const int M = static_cast<int>(s.n_modalities), tile = static_cast<int>(shape.tile);
-  const int64_t carry_floats = shape.n_tiles > 1 ? rows_per_block * s.dstate : 0;
-  StateStage stage{M, rows_per_block, tile, 1};
-  stage.group = states_per_stage(s.dstate, M, rows_per_block, tile, 2 * M * tile,
-                                 kSmemBudgetBytes / sizeof(float), carry_floats);
-  const size_t smem =
-      (stage.floats() + 2 * M * stage.group * tile + carry_floats) * sizeof(float);
-  coupled_scan_bwd_kernel<input_t, Tiling><<<blocks, kBwdThreads, smem, stream>>>(p, shape.S, stage);
+  // dB and dC: two accumulators per (modality, state, step) in shared memory.
+  const LaunchPlan plan = plan_launch<Tiling>(p.shape, kBwdThreads, 2);
+  if (plan.blocks == 0) return cudaSuccess;
+  coupled_scan_bwd_kernel<input_t, Tiling>
+      <<<plan.blocks, kBwdThreads, plan.smem_bytes, stream>>>(p, plan.S, plan.stage);
   return cudaGetLastError();
 }
 

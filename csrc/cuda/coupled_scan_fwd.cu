@@ -151,17 +151,10 @@ __global__ void __launch_bounds__(kFwdThreads, 2)
 
 template <typename input_t, typename Tiling>
 cudaError_t launch_fwd(const ScanFwdParams& p, cudaStream_t stream) {
-  const ScanShape& s = p.shape;
-  const RowShape shape = row_shape<Tiling>(s.seqlen);
-  const int rows_per_block = kFwdThreads / shape.S;
-  const int64_t blocks = s.batch * ((s.dim + rows_per_block - 1) / rows_per_block);
-  if (blocks == 0 || shape.n_tiles == 0) return cudaSuccess;
-  const int64_t carry_floats = shape.n_tiles > 1 ? rows_per_block * s.dstate : 0;
-  StateStage stage{static_cast<int>(s.n_modalities), rows_per_block, static_cast<int>(shape.tile), 1};
-  stage.group = states_per_stage(s.dstate, stage.M, stage.rows, stage.tile, 0,
-                                 kSmemBudgetBytes / sizeof(float), carry_floats);
-  const size_t smem = (stage.floats() + carry_floats) * sizeof(float);
-  coupled_scan_fwd_kernel<input_t, Tiling><<<blocks, kFwdThreads, smem, stream>>>(p, shape.S, stage);
+  const LaunchPlan plan = plan_launch<Tiling>(p.shape, kFwdThreads, 0);
+  if (plan.blocks == 0) return cudaSuccess;
+  coupled_scan_fwd_kernel<input_t, Tiling>
+      <<<plan.blocks, kFwdThreads, plan.smem_bytes, stream>>>(p, plan.S, plan.stage);
   return cudaGetLastError();
 }
 

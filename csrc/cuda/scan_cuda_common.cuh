@@ -256,6 +256,30 @@ inline RowShape row_shape(int64_t seqlen) {
   return {S, tile, seqlen == 0 ? 0 : (seqlen + tile - 1) / tile};
 }
 
+// Grid and shared memory of one launch. `accumulators`: floats per (modality, state, step)
+// that the kernel keeps in shared memory beside the stage (backward's dB and dC: 2).
+// blocks == 0 when there is nothing to launch.
+struct LaunchPlan {
+  int S;               // lanes per row
+  int64_t blocks;
+  StateStage stage;
+  size_t smem_bytes;   // stage, accumulators, and the [rows][N] carry with several tiles
+};
+template <typename Tiling>
+inline LaunchPlan plan_launch(const ScanShape& s, int threads, int accumulators) {
+  const RowShape shape = row_shape<Tiling>(s.seqlen);
+  const int rows = threads / shape.S, M = static_cast<int>(s.n_modalities);
+  const int tile = static_cast<int>(shape.tile);
+  LaunchPlan plan{shape.S, s.batch * ((s.dim + rows - 1) / rows), StateStage{M, rows, tile, 1}, 0};
+  if (shape.n_tiles == 0) plan.blocks = 0;
+  const int64_t carry_floats = shape.n_tiles > 1 ? rows * s.dstate : 0;
+  plan.stage.group = states_per_stage(s.dstate, M, rows, tile, accumulators * M * tile,
+                                      kSmemBudgetBytes / sizeof(float), carry_floats);
+  plan.smem_bytes = (plan.stage.floats() + static_cast<int64_t>(accumulators) * M *
+                     plan.stage.group * tile + carry_floats) * sizeof(float);
+  return plan;
+}
+
 // Dispatch on the input dtype to a launcher templated on the CUDA type.
 #define COUPLED_MAMBA_DISPATCH_INPUT(dtype, ...)                                           \
   [&] {                                                                                    \
