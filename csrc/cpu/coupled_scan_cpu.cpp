@@ -7,8 +7,10 @@
 // Per channel and chunk the work is three passes, each made of loops that vectorise:
 //   1. per (modality, step), vectorised over the chunk's steps: the step sizes (softplus),
 //      Δ·u and, in backward, dℓ/dŷ and dℓ/dz through the gate;
-//   2. the decays exp(Δ·A) of the whole chunk in one flat loop, then the recurrence over
-//      the chunk's steps, vectorised over states in blocks of 16;
+//   2. the recurrence over the chunk's steps, vectorised over states in blocks of 16, the
+//      decays exp(Δ·A) computed in it (backward's recomputation keeps them for the reverse
+//      pass); the sums over states of each (modality, step) kept as 16 partial sums and
+//      reduced together after the chunk where that is cheaper;
 //   3. per (modality, step), vectorised over steps: y through the gate, or du, dδ and the
 //      D and β gradients.
 // Special functions are the vectorisable ones of vec_math.h, never a libm call per element;
@@ -19,6 +21,7 @@
 #include <atomic>
 #include <cmath>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -44,6 +47,13 @@ using cpu::softplus_vec;
 #else
 #define CM_VECTOR_CLONES
 #endif
+// For helpers of the cloned functions: inlined, they are compiled for the calling clone's
+// instruction set; called, they would run the baseline build.
+#if defined(__GNUC__)
+#define CM_INLINE_INTO_CLONES __attribute__((always_inline)) inline
+#else
+#define CM_INLINE_INTO_CLONES inline
+#endif
 
 // Channels one parallel task handles. They share a batch index, hence the B and C tiles.
 constexpr int64_t kRowsPerTask = 16;
@@ -58,7 +68,8 @@ inline int64_t padded_states(int64_t N) { return (N + kLanes - 1) / kLanes * kLa
 // Tasks per thread, so that each thread gets at least ~2^18 (modality, step, state)
 // elements: below that, waking the OpenMP team costs more than the work.
 inline int64_t parallel_grain(const ScanShape& s) {
-  const int64_t work_per_task = std::max<int64_t>(1, kRowsPerTask * s.seqlen * s.dstate * s.n_modalities);
+  const int64_t work_per_task =
+      std::max<int64_t>(1, kRowsPerTask * s.seqlen * s.dstate * s.n_modalities);
   return std::max<int64_t>(1, (int64_t(1) << 18) / work_per_task);
 }
 
@@ -67,7 +78,7 @@ inline int64_t parallel_grain(const ScanShape& s) {
 // additions; omp simd's own reduction, or a loop, becomes a chain of scalar additions
 // through memory. Otherwise: a tree the compiler may or may not turn into shuffles.
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-inline float sum_lanes(const float (&part)[kLanes]) {
+CM_INLINE_INTO_CLONES float sum_lanes(const float (&part)[kLanes]) {
   static_assert(kLanes == 16, "the halvings below are for 16 lanes");
   typedef float v16 __attribute__((vector_size(64)));
   typedef float v8 __attribute__((vector_size(32)));
@@ -81,13 +92,110 @@ inline float sum_lanes(const float (&part)[kLanes]) {
   b += __builtin_shufflevector(b, b, 1, 0, 3, 2);
   return b[0];
 }
+
+// sums[i] = Σ_j parts[i·kLanes + j] for 16 consecutive i: the 16 vectors are folded into
+// each other pairwise (halves, quarters, pairs, single lanes), 45 shuffles and additions for
+// 16 sums instead of 9 dependent ones per sum. The scans store each (modality, step)'s
+// kLanes partial sums and reduce a whole chunk's at once with this: with few states
+// (N = 16: one vector per (modality, step)) the per-sum reduction was the forward's
+// bottleneck.
+CM_INLINE_INTO_CLONES void sum_16_lane_blocks(const float* __restrict parts,
+                                              float* __restrict sums) {
+  static_assert(kLanes == 16, "the foldings below are for 16 lanes");
+  typedef float v16 __attribute__((vector_size(64)));
+  v16 x[16], y[8], z[4], w[2];
+  for (int i = 0; i < 16; ++i) __builtin_memcpy(&x[i], parts + i * kLanes, sizeof(v16));
+  // y[k] = [x[2k] folded to 8 lanes | x[2k+1] folded to 8]
+  for (int k = 0; k < 8; ++k)
+    y[k] = __builtin_shufflevector(x[2 * k], x[2 * k + 1],
+                                   0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(x[2 * k], x[2 * k + 1],
+                                   8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  // z[k] = [x[4k] to 4 | x[4k+1] to 4 | x[4k+2] to 4 | x[4k+3] to 4]
+  for (int k = 0; k < 4; ++k)
+    z[k] = __builtin_shufflevector(y[2 * k], y[2 * k + 1],
+                                   0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(y[2 * k], y[2 * k + 1],
+                                   4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  // w[k] = [x[8k], x[8k+4] | x[8k+1], x[8k+5] | x[8k+2], x[8k+6] | x[8k+3], x[8k+7]],
+  // each folded to 2 lanes
+  for (int k = 0; k < 2; ++k)
+    w[k] = __builtin_shufflevector(z[2 * k], z[2 * k + 1],
+                                   0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(z[2 * k], z[2 * k + 1],
+                                   2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  // The two lanes of each added, in the order x[0] .. x[15].
+  const v16 total = __builtin_shufflevector(w[0], w[1], 0, 4, 8, 12, 2, 6, 10, 14,
+                                            16, 20, 24, 28, 18, 22, 26, 30) +
+                    __builtin_shufflevector(w[0], w[1], 1, 5, 9, 13, 3, 7, 11, 15,
+                                            17, 21, 25, 29, 19, 23, 27, 31);
+  __builtin_memcpy(sums, &total, sizeof total);
+}
+#define CM_HAVE_SUM_16_LANE_BLOCKS 1
+
+// The sums of three blocked reductions at once: the three vectors are folded together, two
+// or three per vector, so that the shuffles and additions are shared (about 17 instructions
+// instead of 27; the backward pass makes three such sums per (modality, step)).
+CM_INLINE_INTO_CLONES void sum_lanes3(const float (&a)[kLanes], const float (&b)[kLanes],
+                                      const float (&c)[kLanes], float& sum_a, float& sum_b,
+                                      float& sum_c) {
+  typedef float v16 __attribute__((vector_size(64)));
+  v16 x, y, z, zero = {};
+  __builtin_memcpy(&x, a, sizeof x);
+  __builtin_memcpy(&y, b, sizeof y);
+  __builtin_memcpy(&z, c, sizeof z);
+  // [a folded to 8 | b folded to 8], [c folded to 8 | 0]
+  const v16 ab = __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7,
+                                         16, 17, 18, 19, 20, 21, 22, 23) +
+                 __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15,
+                                         24, 25, 26, 27, 28, 29, 30, 31);
+  const v16 c0 = __builtin_shufflevector(z, zero, 0, 1, 2, 3, 4, 5, 6, 7,
+                                         16, 17, 18, 19, 20, 21, 22, 23) +
+                 __builtin_shufflevector(z, zero, 8, 9, 10, 11, 12, 13, 14, 15,
+                                         24, 25, 26, 27, 28, 29, 30, 31);
+  // [a to 4 | b to 4 | c to 4 | 0], then each group of 4 summed in place.
+  v16 s = __builtin_shufflevector(ab, c0, 0, 1, 2, 3, 8, 9, 10, 11,
+                                  16, 17, 18, 19, 24, 25, 26, 27) +
+          __builtin_shufflevector(ab, c0, 4, 5, 6, 7, 12, 13, 14, 15,
+                                  20, 21, 22, 23, 28, 29, 30, 31);
+  s += __builtin_shufflevector(s, s, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  s += __builtin_shufflevector(s, s, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  sum_a = s[0];
+  sum_b = s[4];
+  sum_c = s[8];
+}
 #endif
 template <typename acc_t>
-inline acc_t sum_lanes(const acc_t (&part)[kLanes]) {
+CM_INLINE_INTO_CLONES acc_t sum_lanes(const acc_t (&part)[kLanes]) {
   acc_t s8[8], s4[4];
   for (int j = 0; j < 8; ++j) s8[j] = part[j] + part[j + 8];
   for (int j = 0; j < 4; ++j) s4[j] = s8[j] + s8[j + 4];
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+template <typename acc_t>
+CM_INLINE_INTO_CLONES void sum_lanes3(const acc_t (&a)[kLanes], const acc_t (&b)[kLanes],
+                                      const acc_t (&c)[kLanes], acc_t& sum_a, acc_t& sum_b,
+                                      acc_t& sum_c) {
+  sum_a = sum_lanes(a);
+  sum_b = sum_lanes(b);
+  sum_c = sum_lanes(c);
+}
+
+// sums[i] = Σ_j parts[i·kLanes + j] for i < count.
+template <typename acc_t>
+CM_INLINE_INTO_CLONES void sum_lane_blocks(const acc_t* __restrict parts, int64_t count,
+                                           acc_t* __restrict sums) {
+  int64_t i = 0;
+#ifdef CM_HAVE_SUM_16_LANE_BLOCKS
+  if constexpr (std::is_same_v<acc_t, float>)
+    for (; i + 16 <= count; i += 16) sum_16_lane_blocks(parts + i * kLanes, sums + i);
+#endif
+  for (; i < count; ++i) {
+    acc_t part[kLanes];
+    std::copy(parts + i * kLanes, parts + (i + 1) * kLanes, part);
+    sums[i] = sum_lanes(part);
+  }
 }
 
 template <typename T>
@@ -261,41 +369,26 @@ struct TaskScratch {
 // step, drive, u, dyhat, yhat, d_step, d_u: [m][t] (row length K); A: [m][Np];
 // B, C, decays, dB, dC: [m][t][Np]; history: [t][Np].
 
-// decays[m][t] = exp(Δ[m,t]·A[m]) for the whole chunk, before the recurrence: the arguments
-// first, then the exponentials in one flat loop over T·Np values per modality. (Inside the
-// recurrence's loop over 16 states, the exponential's constants are reloaded at every
-// (modality, step).)
-template <typename acc_t>
-CM_VECTOR_CLONES void chunk_decays(int64_t M, int64_t Np, int64_t T, const acc_t* __restrict step,
-                                   const acc_t* __restrict A, acc_t* __restrict decays) {
-  for (int64_t m = 0; m < M; ++m) {
-    const acc_t* __restrict Am = A + m * Np;
-    acc_t* __restrict decay_m = decays + m * K * Np;
-    for (int64_t t = 0; t < T; ++t) {
-      const acc_t dt = step[m * K + t];
-#pragma omp simd
-      for (int64_t n = 0; n < Np; ++n) decay_m[t * Np + n] = dt * Am[n];
-    }
-#pragma omp simd
-    for (int64_t i = 0; i < T * Np; ++i) decay_m[i] = exp_vec(decay_m[i]);
-  }
-}
-
 // Forward. G holds the coupled state at the chunk start on entry, at its end on return;
-// spare is Np values of scratch. yhat[m][t] = Σ_n C·h_m (without the D·u term).
+// spare is Np values of scratch. yhat[m][t] = Σ_n C·h_m (without the D·u term), through
+// parts [m][t][kLanes], the partial sums of each (m, t), reduced after the chunk. The decays
+// exp(Δ·A) are computed in the loop, not read from a buffer: a chunk's decays do not fit in
+// L1 next to its B and C.
 template <typename acc_t>
 CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
+                                         const acc_t* __restrict step,
                                          const acc_t* __restrict drive,
-                                         const acc_t* __restrict w,
-                                         const acc_t* __restrict decays,
+                                         const acc_t* __restrict w, const acc_t* __restrict A,
                                          const acc_t* __restrict B, const acc_t* __restrict C,
-                                         acc_t* G, acc_t* spare, acc_t* __restrict yhat) {
+                                         acc_t* G, acc_t* spare, acc_t* __restrict parts,
+                                         acc_t* __restrict yhat) {
+  const cpu::ExpClamp clamp = cpu::ExpClamp::opaque();
   acc_t* G_prev = G;
   acc_t* G_next = spare;
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t m = 0; m < M; ++m) {
-      const acc_t dr = drive[m * K + t], wm = w[m];
-      const acc_t* __restrict decay_m = decays + (m * K + t) * Np;
+      const acc_t dt = step[m * K + t], dr = drive[m * K + t], wm = w[m];
+      const acc_t* __restrict Am = A + m * Np;
       const acc_t* __restrict Bm = B + (m * K + t) * Np;
       const acc_t* __restrict Cm = C + (m * K + t) * Np;
       const bool first = m == 0;
@@ -304,40 +397,49 @@ CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
 #pragma omp simd
         for (int64_t j = 0; j < kLanes; ++j) {
           const int64_t n = n0 + j;
-          const acc_t h = modality_state(decay_m[n], G_prev[n], dr, Bm[n]);
+          const acc_t decay = exp_vec(dt * Am[n], clamp);
+          const acc_t h = modality_state(decay, G_prev[n], dr, Bm[n]);
           part[j] += Cm[n] * h;
           G_next[n] = first ? wm * h : G_next[n] + wm * h;
         }
       }
-      yhat[m * K + t] = sum_lanes(part);
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) parts[(m * K + t) * kLanes + j] = part[j];
     }
     std::swap(G_prev, G_next);
   }
   if (G_prev != G) std::copy(G_prev, G_prev + Np, G);
+  for (int64_t m = 0; m < M; ++m) sum_lane_blocks(parts + m * K * kLanes, T, yhat + m * K);
 }
 
-// Backward's recomputation of one chunk from the decays: history[t] = G[t - 1] (history[0]
-// holds the chunk start on entry). The state after the chunk's last step is the next
-// chunk's saved start: not needed.
+// Backward's recomputation of one chunk from its saved start: history[t] = G[t - 1] for t in
+// [0, T] (history[0] holds the chunk start on entry; history[T], the next chunk's saved
+// start, is a by-product), and decays[m][t] = exp(Δ[m,t]·A[m]), which the backward pass
+// reads.
 template <typename acc_t>
 CM_VECTOR_CLONES void scan_chunk_recompute(int64_t M, int64_t Np, int64_t T,
+                                           const acc_t* __restrict step,
                                            const acc_t* __restrict drive,
-                                           const acc_t* __restrict w,
-                                           const acc_t* __restrict decays,
-                                           const acc_t* __restrict B, acc_t* __restrict history) {
-  for (int64_t t = 0; t + 1 < T; ++t) {
+                                           const acc_t* __restrict w, const acc_t* __restrict A,
+                                           const acc_t* __restrict B, acc_t* __restrict history,
+                                           acc_t* __restrict decays) {
+  const cpu::ExpClamp clamp = cpu::ExpClamp::opaque();
+  for (int64_t t = 0; t < T; ++t) {
     const acc_t* __restrict G_prev = history + t * Np;
     acc_t* __restrict G_next = history + (t + 1) * Np;
     for (int64_t m = 0; m < M; ++m) {
-      const acc_t dr = drive[m * K + t], wm = w[m];
-      const acc_t* __restrict decay_m = decays + (m * K + t) * Np;
+      const acc_t dt = step[m * K + t], dr = drive[m * K + t], wm = w[m];
+      const acc_t* __restrict Am = A + m * Np;
       const acc_t* __restrict Bm = B + (m * K + t) * Np;
+      acc_t* __restrict decay_m = decays + (m * K + t) * Np;
       const bool first = m == 0;
       for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
 #pragma omp simd
         for (int64_t j = 0; j < kLanes; ++j) {
           const int64_t n = n0 + j;
-          const acc_t h = modality_state(decay_m[n], G_prev[n], dr, Bm[n]);
+          const acc_t decay = exp_vec(dt * Am[n], clamp);
+          decay_m[n] = decay;
+          const acc_t h = modality_state(decay, G_prev[n], dr, Bm[n]);
           G_next[n] = first ? wm * h : G_next[n] + wm * h;
         }
       }
@@ -372,27 +474,31 @@ CM_VECTOR_CLONES void scan_chunk_backward(
       acc_t* __restrict dBm = dB + (m * K + t) * Np;
       acc_t* __restrict dCm = dC + (m * K + t) * Np;
       const bool first = m == 0;
-      acc_t part_step[kLanes] = {}, part_u[kLanes] = {}, part_w[kLanes] = {};
+      // modality_state_grad_factored: the sums over states first (the backward pass is
+      // bound by its operations per element).
+      acc_t part_A_mu_decayed[kLanes] = {}, part_mu_B[kLanes] = {}, part_w[kLanes] = {};
       for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
 #pragma omp simd
         for (int64_t j = 0; j < kLanes; ++j) {
           const int64_t n = n0 + j;
           const acc_t h = modality_state(decay_m[n], G_prev[n], dr, Bm[n]);
           const acc_t mu = dy * Cm[n] + wm * lam[n];
-          const ModalityStateGrad<acc_t> g =
-              modality_state_grad(mu, decay_m[n], G_prev[n], dt, Am[n], Bm[n], um);
-          part_step[j] += g.d_step;
-          part_u[j] += g.d_u;
+          const FactoredStateGrad<acc_t> g =
+              modality_state_grad_factored(mu, decay_m[n], G_prev[n], dr, Bm[n]);
+          part_A_mu_decayed[j] += Am[n] * g.mu_decayed;
+          part_mu_B[j] += g.mu_B;
           part_w[j] += lam[n] * h;
-          dAm[n] += g.d_A;
+          dAm[n] += dt * g.mu_decayed;
           dBm[n] += g.d_B;
           dCm[n] += dy * h;
           lam_prev[n] = first ? g.d_coupled_prev : lam_prev[n] + g.d_coupled_prev;
         }
       }
-      d_step[m * K + t] = sum_lanes(part_step);
-      d_u[m * K + t] = sum_lanes(part_u);
-      dw[m] += sum_lanes(part_w);
+      acc_t sum_A_mu_decayed, sum_mu_B, sum_w;
+      sum_lanes3(part_A_mu_decayed, part_mu_B, part_w, sum_A_mu_decayed, sum_mu_B, sum_w);
+      d_step[m * K + t] = sum_A_mu_decayed + um * sum_mu_B;
+      d_u[m * K + t] = dt * sum_mu_B;
+      dw[m] += sum_w;
     }
     std::swap(lam, lam_prev);
   }
@@ -422,7 +528,7 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
     const cpu::FlushDenormals flush_denormals;
     TaskScratch<acc_t> in(p);
     // G[row][Np]: the coupled state of each channel (padded states stay 0).
-    std::vector<acc_t> G(kRowsPerTask * Np), spare(Np), decays(M * K * Np), yhat(M * K), z(K);
+    std::vector<acc_t> G(kRowsPerTask * Np), spare(Np), yhat(M * K), z(K), parts(M * K * kLanes);
     for (int64_t task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
       in.start_task(p, task);
       const int64_t b = in.b, e0 = in.e0, rows = in.rows;
@@ -441,9 +547,9 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
           acc_t* state = &G[r * Np];
           std::copy(state, state + N, &chunk_states[((b * s.dim + e) * s.n_chunks + c) * N]);
           in.template load_steps_of_row<input_t>(p, r, t0, T);
-          chunk_decays(M, Np, T, in.step.data(), in.A_row(r), decays.data());
-          scan_chunk_forward(M, Np, T, in.drive.data(), in.w.data(), decays.data(),
-                             in.B_tile.data(), in.C_tile.data(), state, spare.data(), yhat.data());
+          scan_chunk_forward(M, Np, T, in.step.data(), in.drive.data(), in.w.data(), in.A_row(r),
+                             in.B_tile.data(), in.C_tile.data(), state, spare.data(), parts.data(),
+                             yhat.data());
           // Pass 3: ŷ = Σ_n C·h + D·u, y = ŷ·silu(z).
           for (int64_t m = 0; m < M; ++m) {
             const int64_t out = ((m * s.batch + b) * s.dim + e) * L + t0;
@@ -496,7 +602,7 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
     const cpu::FlushDenormals flush_denormals;
     TaskScratch<acc_t> in(p);
     // history[0]'s padded states stay 0 (only the first N are written from the saved states).
-    std::vector<acc_t> history(K * Np, acc_t(0)), decays(M * K * Np), spare(Np);
+    std::vector<acc_t> history((K + 1) * Np, acc_t(0)), decays(M * K * Np), spare(Np);
     std::vector<acc_t> dyhat(M * K), d_step(M * K), d_u(M * K), z(K), y_ungated(K), dz(K);
     std::vector<acc_t> lambda(kRowsPerTask * Np), dA(kRowsPerTask * M * Np),
         dD(kRowsPerTask * M), dbias(kRowsPerTask * M), dB_tile(M * K * Np), dC_tile(M * K * Np);
@@ -534,9 +640,8 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
           }
           // Pass 2: recompute the chunk from its saved start, then walk it backwards.
           for (int64_t n = 0; n < N; ++n) history[n] = ptr4<acc_t>(p.chunk_states, b, e, c, n)[0];
-          chunk_decays(M, Np, T, in.step.data(), in.A_row(r), decays.data());
-          scan_chunk_recompute(M, Np, T, in.drive.data(), in.w.data(), decays.data(),
-                               in.B_tile.data(), history.data());
+          scan_chunk_recompute(M, Np, T, in.step.data(), in.drive.data(), in.w.data(),
+                               in.A_row(r), in.B_tile.data(), history.data(), decays.data());
           scan_chunk_backward(M, Np, T, in.step.data(), in.u.data(), in.drive.data(), in.w.data(),
                               dyhat.data(), in.A_row(r), in.B_tile.data(), in.C_tile.data(),
                               history.data(), decays.data(), &lambda[r * Np], spare.data(),
