@@ -88,9 +88,9 @@ inline double sigmoid_vec(double x) { return sigmoid(x); }
 // Flushes denormal results and operands to zero (MXCSR's FTZ and DAZ, as
 // torch.set_flush_denormal does) in the calling thread while it lives, and restores the
 // previous mode after. The scan makes denormals routinely: exp(Δ·A) is ~1e-38 when Δ·A is
-// below -87 (exp_vec's clamp) and its product with a state is then denormal; and gcc
-// evaluates both sides of exp_vec's clamps in every lane and blends, so the clamped side's
-// products are computed even for ordinary inputs. Each denormal costs a microcode assist
+// below -87 (exp_vec's clamp) and its product with a state is then denormal; and with
+// constant clamp bounds gcc evaluates both sides of exp_vec's clamps in every lane and
+// blends, so the clamped side's products are computed even for ordinary inputs. Each denormal costs a microcode assist
 // (~100 cycles on Intel cores): without this the forward pass ran several times slower.
 // Values below 1.2e-38 are far under fp32's resolution of the sums they enter.
 class FlushDenormals {
