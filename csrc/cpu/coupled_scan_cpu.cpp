@@ -400,7 +400,7 @@ CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
           const acc_t decay = exp_vec(dt * Am[n], clamp);
           const acc_t h = modality_state(decay, G_prev[n], dr, Bm[n]);
           part[j] += Cm[n] * h;
-          G_next[n] = first ? wm * h : G_next[n] + wm * h;
+          G_next[n] = (first ? acc_t(0) : G_next[n]) + wm * h;
         }
       }
 #pragma omp simd
@@ -440,7 +440,7 @@ CM_VECTOR_CLONES void scan_chunk_recompute(int64_t M, int64_t Np, int64_t T,
           const acc_t decay = exp_vec(dt * Am[n], clamp);
           decay_m[n] = decay;
           const acc_t h = modality_state(decay, G_prev[n], dr, Bm[n]);
-          G_next[n] = first ? wm * h : G_next[n] + wm * h;
+          G_next[n] = (first ? acc_t(0) : G_next[n]) + wm * h;
         }
       }
     }
@@ -491,7 +491,7 @@ CM_VECTOR_CLONES void scan_chunk_backward(
           dAm[n] += dt * g.mu_decayed;
           dBm[n] += g.d_B;
           dCm[n] += dy * h;
-          lam_prev[n] = first ? g.d_coupled_prev : lam_prev[n] + g.d_coupled_prev;
+          lam_prev[n] = (first ? acc_t(0) : lam_prev[n]) + g.d_coupled_prev;
         }
       }
       acc_t sum_A_mu_decayed, sum_mu_B, sum_w;
