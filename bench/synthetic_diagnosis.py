@@ -4,6 +4,7 @@ an untrained encoder already exposes the label, and what training did to the sca
 
     OMP_NUM_THREADS=1 python bench/synthetic_diagnosis.py                 # ~1 minute
     OMP_NUM_THREADS=1 python bench/synthetic_diagnosis.py --noise 0.1     # nearly noise-free data
+    OMP_NUM_THREADS=1 python bench/synthetic_diagnosis.py --dt-min 0.0625 --dt-max 1  # Δ init
     python bench/synthetic_diagnosis.py --runs runs/coupled runs/average  # weights of finished runs
 
 Prints, for the demo model (d_model 32, 2 layers, d_state 8, 16 steps, seed --seed):
@@ -30,9 +31,9 @@ from coupled_mamba_ext.reference import coupled_scan_ref
 DEMO = dict(d_model=32, n_layers=2, d_state=8, seq_len=16, dropout=0.0)
 
 
-def state_path_strength(seed: int) -> None:
+def state_path_strength(seed: int, dt_min: float = 1e-3, dt_max: float = 1e-1) -> None:
     torch.manual_seed(seed)
-    layer = CoupledMambaLayer(32, 3, d_state=8)
+    layer = CoupledMambaLayer(32, 3, d_state=8, dt_min=dt_min, dt_max=dt_max)
     x = torch.randn(3, 64, 16, 32, requires_grad=True)
     u, _ = layer.in_proj(layer.norm(x)).chunk(2, dim=-1)
     u = F.silu(layer._causal_conv(u))
@@ -54,10 +55,11 @@ def state_path_strength(seed: int) -> None:
     print(f"cross / own sensitivity (audio stream, step {t}): {cross / own:.2e}")
 
 
-def linear_probe(fusion: str, seed: int) -> float:
+def linear_probe(fusion: str, seed: int, dt_min: float = 1e-3, dt_max: float = 1e-1) -> float:
     data = load_synthetic(0)
     torch.manual_seed(seed)
-    model = CoupledMamba(data.feature_dims, fusion=fusion, **DEMO).eval()
+    model = CoupledMamba(data.feature_dims, fusion=fusion, dt_min=dt_min, dt_max=dt_max,
+                         **DEMO).eval()
 
     def features(split):
         batch = collate_mmsa([item for item in MMSADataset(data.splits[split])])
@@ -109,14 +111,17 @@ def main() -> None:
                         help="noise std of the synthetic data for the probe (default: the "
                         "dataset's)")
     parser.add_argument("--fusions", nargs="*", default=["average", "coupled", "mamba"])
+    parser.add_argument("--dt-min", type=float, default=1e-3,
+                        help="initial Δ range of the untrained models (default Mamba's)")
+    parser.add_argument("--dt-max", type=float, default=1e-1)
     parser.add_argument("--runs", nargs="*", default=[],
                         help="finished `train` output directories to compare weights of")
     args = parser.parse_args()
-    state_path_strength(args.seed)
+    state_path_strength(args.seed, args.dt_min, args.dt_max)
     synthetic.NOISE_STD = args.noise
     for fusion in args.fusions:
         print(f"linear probe on the untrained {fusion} encoder (noise {args.noise}): "
-              f"valid accuracy {linear_probe(fusion, args.seed):.3f}")
+              f"valid accuracy {linear_probe(fusion, args.seed, args.dt_min, args.dt_max):.3f}")
     for run in args.runs:
         scan_weights(run)
 

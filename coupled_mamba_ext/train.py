@@ -22,6 +22,7 @@ from .data import MMSAData, MMSADataset, collate_mmsa, load_mmsa, load_synthetic
 from .data.mmsa import atomic_write
 from .metrics import classification_metrics, msa_metrics
 from .models import CoupledMamba
+from .models.layer import StackedLayerNorm
 
 # The paper's settings (§4.1). It does not train on MOSI; MOSI gets the batch size of the
 # dataset of its size (SIMS).
@@ -61,9 +62,14 @@ class TrainConfig:
     seq_len: Optional[int] = None
     dropout: float = 0.1
     dt_rank: Optional[int] = None
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    weight_decay_on: str = "all"
+    bc_norm: bool = False
     coupling: str = "learned"
     seed: int = 0
     data_seed: int = 0
+    synthetic_train_size: Optional[int] = None
     device: Optional[str] = None
     amp: Optional[str] = None
     resume: bool = False
@@ -72,8 +78,9 @@ class TrainConfig:
 
 # Fields that must agree between a checkpoint and the command that resumes it.
 _RUN_IDENTITY = ("data", "dataset", "task", "fusion", "batch_size", "lr", "weight_decay",
-                 "d_model", "n_layers", "d_state", "seq_len", "dropout", "dt_rank", "coupling",
-                 "seed", "data_seed", "amp")
+                 "d_model", "n_layers", "d_state", "seq_len", "dropout", "dt_rank", "dt_min",
+                 "dt_max", "weight_decay_on", "bc_norm", "coupling", "seed", "data_seed",
+                 "synthetic_train_size", "amp")
 
 
 def resolve_defaults(config: TrainConfig, data: MMSAData) -> TrainConfig:
@@ -93,10 +100,14 @@ def resolve_defaults(config: TrainConfig, data: MMSAData) -> TrainConfig:
     return dataclasses.replace(config, dataset=name, **filled)
 
 
-def load_data(data: str, dataset: Optional[str] = None, data_seed: int = 0) -> MMSAData:
-    """``data`` = "synthetic" (generated from ``data_seed``) or the path of an MMSA pickle."""
+def load_data(data: str, dataset: Optional[str] = None, data_seed: int = 0,
+              synthetic_train_size: Optional[int] = None) -> MMSAData:
+    """``data`` = "synthetic" (generated from ``data_seed``, with ``synthetic_train_size``
+    training clips, default 2000; the valid and test splits do not depend on it) or the path
+    of an MMSA pickle."""
     if data == "synthetic":
-        return load_synthetic(data_seed)
+        sizes = None if synthetic_train_size is None else {"train": synthetic_train_size}
+        return load_synthetic(data_seed, sizes)
     return load_mmsa(data, dataset)
 
 
@@ -104,6 +115,18 @@ def check_config(config: TrainConfig) -> None:
     """Reject option combinations the model would otherwise ignore or fail on later."""
     if config.dt_rank is not None and config.dt_rank < 1:
         raise ValueError(f"--dt-rank: expected an int >= 1, got {config.dt_rank}")
+    if config.synthetic_train_size is not None:
+        if config.data != "synthetic":
+            raise ValueError("--synthetic-train-size: only for --data synthetic")
+        if config.synthetic_train_size < 1:
+            raise ValueError(f"--synthetic-train-size: expected an int >= 1, got "
+                             f"{config.synthetic_train_size}")
+    if not 0 < config.dt_min <= config.dt_max:
+        raise ValueError(f"--dt-min / --dt-max: expected 0 < dt_min <= dt_max, got "
+                         f"{config.dt_min} and {config.dt_max}")
+    if config.weight_decay_on not in WEIGHT_DECAY_ON:
+        raise ValueError(f"--weight-decay-on: expected one of {WEIGHT_DECAY_ON}, got "
+                         f"{config.weight_decay_on!r}")
     if config.coupling != "learned" and config.fusion != "coupled":
         raise ValueError(f"--coupling {config.coupling}: only --fusion coupled has a coupling, "
                          f"this run has --fusion {config.fusion}")
@@ -115,7 +138,33 @@ def build_model(config: TrainConfig, input_dims: List[int], num_classes: int) ->
         fusion=config.fusion, task=config.task,
         num_classes=num_classes if config.task == "classification" else None,
         dropout=config.dropout, seq_len=config.seq_len, coupling=config.coupling,
-        dt_rank="auto" if config.dt_rank is None else config.dt_rank)
+        dt_rank="auto" if config.dt_rank is None else config.dt_rank,
+        dt_min=config.dt_min, dt_max=config.dt_max, bc_norm=config.bc_norm)
+
+
+WEIGHT_DECAY_ON = ("all", "weights")
+# Parameters that "--weight-decay-on weights" leaves undecayed besides those marked
+# `_no_weight_decay` (A_log, D) and the norms': biases (names ending in "bias", the Δ bias
+# included) and the coupling logits.
+_NO_DECAY_NAMES = ("coupling_logits",)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_on: str) -> List[dict]:
+    """Optimizer parameter groups. decay_on "all": every parameter gets `weight_decay` (the
+    paper's plain Adam). "weights": only weight matrices and kernels (linear, convolution,
+    embedding); biases, the Δ bias, LayerNorm weights, the coupling logits, and A_log and D
+    (marked `_no_weight_decay`, as mamba_ssm marks them) get none."""
+    if decay_on == "all":
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    norms = (torch.nn.LayerNorm, StackedLayerNorm)
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            exempt = (getattr(param, "_no_weight_decay", False) or name.endswith("bias")
+                      or name in _NO_DECAY_NAMES or isinstance(module, norms))
+            (no_decay if exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
 
 
 # ----------------------------------------------------------------------------- process setup
@@ -316,7 +365,7 @@ def train(config: TrainConfig) -> Optional[dict]:
 
 def _train(config: TrainConfig, process: Process) -> Optional[dict]:
     check_config(config)
-    data = load_data(config.data, config.dataset, config.data_seed)
+    data = load_data(config.data, config.dataset, config.data_seed, config.synthetic_train_size)
     config = resolve_defaults(config, data)
     if config.batch_size % process.world_size:
         raise ValueError(f"--batch-size {config.batch_size} (the global batch) must be divisible "
@@ -335,7 +384,8 @@ def _train(config: TrainConfig, process: Process) -> Optional[dict]:
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config, data.feature_dims, data.num_classes).to(process.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(
+        parameter_groups(model, config.weight_decay, config.weight_decay_on), lr=config.lr)
     state = {"epoch": 0, "history": [], "best": None, "train_seconds": 0.0}
     if config.resume and os.path.exists(checkpoint_path):
         saved = load_checkpoint(checkpoint_path)
@@ -430,7 +480,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, dataset: Optional[str] = Non
     """Metrics of a saved model (best.pt or checkpoint.pt) on the given splits of ``data``."""
     saved = load_checkpoint(checkpoint)
     config = TrainConfig(**saved["config"])  # fields added since then keep their defaults
-    loaded = load_data(data, dataset or config.dataset, config.data_seed)
+    loaded = load_data(data, dataset or config.dataset, config.data_seed,
+                       config.synthetic_train_size if data == "synthetic" else None)
     if loaded.feature_dims != list(saved["input_dims"]):
         raise ValueError(f"{checkpoint} was trained on feature sizes {saved['input_dims']}, "
                          f"but {data} has {loaded.feature_dims}")

@@ -70,6 +70,9 @@ def naive_layer_forward(layer, x):
                      padding=layer.d_conv - 1, groups=E)[..., :L]            # (batch, E, L)
         u = F.silu(u)
         dt_low, B, C = (u.transpose(1, 2) @ layer.x_proj.weight[m]).split([R, N, N], dim=-1)
+        if layer.bc_norm:  # B and C divided by their rms over the N state entries
+            B = B / (B.square().mean(-1, keepdim=True) + 1e-6).sqrt()
+            C = C / (C.square().mean(-1, keepdim=True) + 1e-6).sqrt()
         dt = F.softplus(dt_low @ layer.dt_proj.weight[m] + layer.dt_bias[m])
         us.append(u), zs.append(z.transpose(1, 2)), dts.append(dt.transpose(1, 2))
         Bs.append(B.transpose(1, 2)), Cs.append(C.transpose(1, 2))
@@ -81,10 +84,11 @@ def naive_layer_forward(layer, x):
                         for m in range(M)])
 
 
-@pytest.mark.parametrize("coupling", ["learned", "mean", "sum"])
-def test_layer_matches_per_modality_algorithm(coupling):
+@pytest.mark.parametrize("coupling, bc_norm", [("learned", False), ("mean", False),
+                                               ("sum", False), ("learned", True)])
+def test_layer_matches_per_modality_algorithm(coupling, bc_norm):
     torch.manual_seed(0)
-    layer = CoupledMambaLayer(16, 3, d_state=8, coupling=coupling)
+    layer = CoupledMambaLayer(16, 3, d_state=8, coupling=coupling, bc_norm=bc_norm)
     with torch.no_grad():  # distinct per-modality values, so a mix-up cannot go unseen
         if coupling == "learned":
             layer.coupling_logits.copy_(torch.tensor([0.3, -0.2, 0.1]))
@@ -93,10 +97,11 @@ def test_layer_matches_per_modality_algorithm(coupling):
     torch.testing.assert_close(layer(x), naive_layer_forward(layer, x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("coupling", ["learned", "sum"])
-def test_layer_step_equals_forward(coupling):
+@pytest.mark.parametrize("coupling, bc_norm", [("learned", False), ("sum", False),
+                                               ("learned", True)])
+def test_layer_step_equals_forward(coupling, bc_norm):
     torch.manual_seed(0)
-    layer = CoupledMambaLayer(16, 3, d_state=8, coupling=coupling)
+    layer = CoupledMambaLayer(16, 3, d_state=8, coupling=coupling, bc_norm=bc_norm)
     x = torch.randn(3, 2, 9, 16)
     with torch.no_grad():
         full = layer(x)
@@ -106,6 +111,22 @@ def test_layer_step_equals_forward(coupling):
             outputs.append(y)
     torch.testing.assert_close(torch.stack(outputs, dim=2), full, rtol=1e-5, atol=1e-5)
     assert cache.conv_state.shape == (3, 2, 32, 3) and cache.ssm_state.shape == (2, 32, 8)
+
+
+@pytest.mark.parametrize("fusion", ["coupled", "average", "concat", "mamba"])
+def test_mamba_options_reach_every_mamba_layer(fusion):
+    model = make_model(fusion, dt_min=0.25, dt_max=0.5, bc_norm=True)
+    layers = [m for m in model.modules() if isinstance(m, CoupledMambaLayer)]
+    assert len(layers) == (6 if fusion == "mamba" else 2)
+    for layer in layers:
+        assert layer.bc_norm
+        dt = F.softplus(layer.dt_bias)
+        assert dt.min() >= 0.25 * (1 - 1e-5) and dt.max() <= 0.5 * (1 + 1e-5)
+    with torch.no_grad():
+        changed = model(make_inputs())
+        for layer in layers:
+            layer.bc_norm = False
+        assert not torch.allclose(model(make_inputs()), changed)
 
 
 @pytest.mark.slow

@@ -129,12 +129,94 @@ def test_dt_rank_and_coupling_options_are_checked(pickle_path, tmp_path):
         main(["train", "--data", pickle_path, "--out", str(tmp_path), "--coupling", "max"])
 
 
+@pytest.mark.parametrize("fusion", ["coupled", "average", "concat", "mamba", "transformer",
+                                    "cross_attention"])
+def test_weight_decay_on_weights_exempts_biases_norms_and_the_scan_parameters(fusion):
+    model = training.build_model(tiny_config("synthetic", "unused", fusion=fusion,
+                                             dropout=0.1), [32, 12, 24], 2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    every = training.parameter_groups(model, 5e-4, "all")
+    assert [g["weight_decay"] for g in every] == [5e-4]
+    assert len(every[0]["params"]) == len(names)
+    decay, no_decay = training.parameter_groups(model, 5e-4, "weights")
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (5e-4, 0.0)
+    decayed = {names[id(p)] for p in decay["params"]}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert decayed | exempt == set(names.values()) and not decayed & exempt
+    for name in exempt:  # biases, norm affine weights, A_log, D, dt bias, coupling logits
+        leaf = name.split(".")[-1]
+        assert leaf.endswith("bias") or leaf in ("A_log", "D", "coupling_logits") or \
+            "norm" in name, name
+    for name in decayed:  # weight matrices, convolution kernels, embeddings
+        assert not name.endswith("bias") and "norm" not in name, name
+    if fusion in ("coupled", "average", "concat", "mamba"):
+        assert any(n.endswith("A_log") for n in exempt) and any(n.endswith(".D") for n in exempt)
+        assert any(n.endswith("x_proj.weight") for n in decayed)
+
+
+def test_dt_range_and_weight_decay_options_reach_the_model_and_optimizer(pickle_path,
+                                                                         tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--data", pickle_path, "--out", str(out), "--epochs", "1",
+                 "--device", "cpu", "--dt-min", "0.125", "--dt-max", "1",
+                 "--weight-decay-on", "weights", *TINY]) == 0
+    saved = training.load_checkpoint(str(out / "checkpoint.pt"))
+    assert saved["config"]["dt_min"] == 0.125 and saved["config"]["dt_max"] == 1.0
+    assert saved["config"]["weight_decay_on"] == "weights"
+    assert [g["weight_decay"] for g in saved["optimizer"]["param_groups"]] == [5e-4, 0.0]
+    torch.manual_seed(0)
+    model = training.build_model(training.TrainConfig(**saved["config"]), [32, 12, 24], 2)
+    for layer in model.encoder.layers:  # softplus(dt bias) starts in [dt_min, dt_max]
+        dt = torch.nn.functional.softplus(layer.dt_bias)
+        assert dt.min() >= 0.125 * (1 - 1e-5) and dt.max() <= 1.0 * (1 + 1e-5)
+    for name in ("average", "mamba"):  # every Mamba-based fusion gets the same range
+        config = training.TrainConfig(**{**saved["config"], "fusion": name})
+        layers = [module for module in training.build_model(config, [32, 12, 24], 2).modules()
+                  if hasattr(module, "dt_bias")]
+        assert layers and all(torch.nn.functional.softplus(l.dt_bias).min() >= 0.125 * 0.99999
+                              for l in layers)
+    with pytest.raises(ValueError, match="dt_min <= dt_max"):
+        training.train(tiny_config(pickle_path, tmp_path / "bad", dt_min=0.5, dt_max=0.1))
+    with pytest.raises(ValueError, match="--weight-decay-on"):
+        training.train(tiny_config(pickle_path, tmp_path / "bad", weight_decay_on="some"))
+    with pytest.raises(ValueError, match="weight_decay_on='weights' \\(now 'all'\\)"):
+        training.train(tiny_config(pickle_path, out, epochs=2, dt_min=0.125, dt_max=1.0,
+                                   resume=True))
+
+
+def test_bc_norm_and_synthetic_train_size_options(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--data", "synthetic", "--out", str(out), "--epochs", "1",
+                 "--device", "cpu", "--bc-norm", "--synthetic-train-size", "32",
+                 "--fusion", "average", *TINY]) == 0
+    saved = training.load_checkpoint(str(out / "best.pt"))
+    assert saved["config"]["bc_norm"] is True and saved["config"]["synthetic_train_size"] == 32
+    model = training.build_model(training.TrainConfig(**saved["config"]), [32, 12, 24], 2)
+    assert all(layer.bc_norm for layer in model.encoder.mamba.layers)
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["history"]) == 1
+    # valid and test do not depend on the training size; eval rebuilds the same data
+    small = training.load_data("synthetic", synthetic_train_size=32)
+    default = training.load_data("synthetic")
+    assert len(small.splits["train"].regression_labels) == 32
+    for split in ("valid", "test"):
+        assert np.array_equal(small.splits[split].features[1], default.splits[split].features[1])
+    columns = training.evaluate_checkpoint(str(out / "best.pt"), "synthetic", splits=("test",),
+                                           device="cpu")
+    assert columns["test"]["Has0_acc_2"] == pytest.approx(results["test"]["Has0_acc_2"])
+    with pytest.raises(ValueError, match="--synthetic-train-size: only for --data synthetic"):
+        training.train(tiny_config("some.pkl", tmp_path / "bad", synthetic_train_size=32))
+    with pytest.raises(ValueError, match="--synthetic-train-size: expected an int >= 1"):
+        training.train(tiny_config("synthetic", tmp_path / "bad", synthetic_train_size=0))
+
+
 def test_checkpoints_without_the_newer_options_resume_with_their_defaults(pickle_path,
                                                                            tmp_path):
     training.train(tiny_config(pickle_path, tmp_path, epochs=1))
     path = tmp_path / training.CHECKPOINT
     saved = training.load_checkpoint(str(path))
-    for key in ("dt_rank", "coupling"):
+    for key in ("dt_rank", "coupling", "dt_min", "dt_max", "weight_decay_on", "bc_norm",
+                "synthetic_train_size"):
         del saved["config"][key]
     torch.save(saved, path)
     results = training.train(tiny_config(pickle_path, tmp_path, epochs=2, resume=True))

@@ -15,6 +15,12 @@ from torch import Tensor, nn
 from ..ops import coupled_selective_scan, coupled_selective_state_update
 
 COUPLINGS = ("learned", "mean", "sum")
+RMS_EPS = 1e-6  # of the optional B and C normalisation (Falcon-Mamba's mixer_rms_eps)
+
+
+def rms_normalize(x: Tensor, eps: float = RMS_EPS) -> Tensor:
+    """x / rms(x) over the last axis, without a learnable weight (Falcon-Mamba's rms_forward)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,6 +106,9 @@ class CoupledMambaLayer(nn.Module):
             on long sequences (SPEC §1); use it for short sequences or M = 1 only.
         dt_min, dt_max: softplus(dt_bias) is initialised log-uniform in [dt_min, dt_max].
         dt_init_floor: lower clamp of those initial time steps.
+        bc_norm: RMS-normalise B and C over the state axis at every step, without a
+            learnable weight (as Falcon-Mamba does; it also normalises the low-rank Δ input,
+            which this option leaves alone). Off: B and C as in Mamba.
 
     Parameters are float32 and stay so; under bf16 autocast the projections run in bf16
     and the scan's A, D, dt bias and coupling stay float32.
@@ -107,7 +116,8 @@ class CoupledMambaLayer(nn.Module):
 
     def __init__(self, d_model: int, n_modalities: int, d_state: int = 64, d_conv: int = 4,
                  expand: int = 2, dt_rank: Union[int, str] = "auto", coupling: str = "learned",
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4):
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
+                 bc_norm: bool = False):
         super().__init__()
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling: expected one of {COUPLINGS}, got {coupling!r}")
@@ -120,6 +130,7 @@ class CoupledMambaLayer(nn.Module):
         M, E = n_modalities, expand * d_model
         self.d_model, self.n_modalities, self.d_state, self.d_conv = d_model, M, d_state, d_conv
         self.d_inner, self.dt_rank, self.coupling = E, dt_rank, coupling
+        self.bc_norm = bc_norm
 
         self.norm = StackedLayerNorm(M, d_model)
         self.in_proj = StackedLinear(M, d_model, 2 * E)        # to u and z
@@ -138,6 +149,10 @@ class CoupledMambaLayer(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32))
                                   .repeat(M, E, 1))
         self.D = nn.Parameter(torch.ones(M, E))
+        # As mamba_ssm: the optimiser may exempt these from weight decay (train.py, under
+        # --weight-decay-on weights, reads the mark).
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
 
         if coupling == "learned":
             self.coupling_logits = nn.Parameter(torch.zeros(M))
@@ -182,6 +197,8 @@ class CoupledMambaLayer(nn.Module):
         dt_low, B, C = self.x_proj(u.transpose(-1, -2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)      # (M, batch, L, *)
         dt = self.dt_proj(dt_low)                                     # (M, batch, L, E)
+        if self.bc_norm:
+            B, C = rms_normalize(B), rms_normalize(C)
 
         # The operator takes time last and one dtype for u, delta, B, C, z (under autocast
         # the conv and the matmuls may disagree); u's dtype decides.
@@ -213,6 +230,8 @@ class CoupledMambaLayer(nn.Module):
                            dim=-1)                                     # (M, batch, E, d_conv)
         u = F.silu((window * self.conv_weight[:, None]).sum(-1) + self.conv_bias[:, None])
         dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.bc_norm:
+            B, C = rms_normalize(B), rms_normalize(C)
         dt = self.dt_proj(dt_low)
         y, ssm_state = coupled_selective_state_update(
             cache.ssm_state, u, dt.to(u.dtype), B=B.to(u.dtype), C=C.to(u.dtype),

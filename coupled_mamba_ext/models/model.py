@@ -68,7 +68,8 @@ class CoupledMamba(nn.Module):
             true length among the sample's modalities (aligned inputs, all of one length,
             are then used as they are; the other steps of the batch are padding, masked).
         coupling: coupling of the "coupled" fusion ("learned", "mean" or "sum"; see
-            :class:`CoupledMambaLayer`). d_conv, expand, dt_rank: the Mamba layers' settings.
+            :class:`CoupledMambaLayer`). d_conv, expand, dt_rank, dt_min, dt_max, bc_norm: the
+            Mamba layers' settings (every Mamba-based fusion gets the same).
         n_heads: attention heads of the attention baselines.
     """
 
@@ -76,7 +77,8 @@ class CoupledMamba(nn.Module):
                  d_state: int = 64, fusion: str = "coupled", task: str = "regression",
                  num_classes: Optional[int] = None, pooling: str = "mean", dropout: float = 0.1,
                  seq_len: Optional[int] = None, coupling: str = "learned", d_conv: int = 4,
-                 expand: int = 2, dt_rank: Union[int, str] = "auto", n_heads: int = 4):
+                 expand: int = 2, dt_rank: Union[int, str] = "auto", n_heads: int = 4,
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, bc_norm: bool = False):
         super().__init__()
         input_dims = list(input_dims)
         if not MIN_MODALITIES <= len(input_dims) <= MAX_MODALITIES:
@@ -101,7 +103,8 @@ class CoupledMamba(nn.Module):
         # Input sizes differ per modality, so these cannot be stacked; it is the only place
         # the model loops over modalities (the fusion baselines aside).
         self.input_projections = nn.ModuleList(nn.Linear(dim, d_model) for dim in input_dims)
-        mamba_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank)
+        mamba_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank,
+                            dt_min=dt_min, dt_max=dt_max, bc_norm=bc_norm)
         if fusion == "coupled":
             self.encoder = CoupledMambaStack(n_layers, d_model, M, coupling=coupling,
                                              **mamba_kwargs)
