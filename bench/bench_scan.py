@@ -132,12 +132,21 @@ def make_call(kind, mode, shape, dtype, device):
 
 
 # ---------------------------------------------------------------------------- timing
-def time_cpu(calls, warmup, repeats):
+def time_cpu(calls, warmup, repeats, warmup_seconds=2.0):
     """Median seconds of each of ``calls`` (name -> function), run round-robin: on a shared
-    machine a change of load then hits the operator and the reference alike."""
+    machine a change of load then hits the operator and the reference alike. Warm-up: at
+    least ``warmup[name]`` calls each, and the calls with a warm-up go on round-robin until
+    ``warmup_seconds`` have passed: on the development VM a core that has been idle runs
+    the same code up to 1.7x slower for its first second or so of work (measured: one
+    thread, L = 50 forward 97-104 ms for the first calls after a pause, 57-62 ms after)."""
+    start = time.perf_counter()
     for name, call in calls.items():
         for _ in range(warmup[name]):
             call()
+    while time.perf_counter() - start < warmup_seconds:
+        for name, call in calls.items():
+            if warmup[name]:
+                call()
     times = {name: [] for name in calls}
     while any(len(times[name]) < repeats[name] for name in calls):
         for name, call in calls.items():
@@ -219,10 +228,12 @@ def run_cpu(args, report):
             row = {"shape": shape, "dtype": dtype_name, "mode": mode,
                    "load_avg_1min_before": os.getloadavg()[0]}
             # The reference loop at L = 2000 takes most of a minute per call on 2 cores:
-            # one call, no warm-up (the short shape warmed the same code up).
+            # one call, no warm-up (the short shape warmed the same code up). The op's calls
+            # are cheap: more of them, so that one slow call (a page-faulting allocation, a
+            # core taken by another job) does not move its median.
             calls = {kind: make_call(kind, mode, shape, dtype, "cpu") for kind in ("op", "ref")}
-            seconds = time_cpu(calls, warmup={"op": 1, "ref": 0 if long else 1},
-                               repeats={"op": 3 if long else 5, "ref": 1 if long else 3})
+            seconds = time_cpu(calls, warmup={"op": 2, "ref": 0 if long else 1},
+                               repeats={"op": 7 if long else 15, "ref": 1 if long else 3})
             del calls
             for kind in ("op", "ref"):
                 row[kind + "_s"] = seconds[kind]
