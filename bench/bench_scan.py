@@ -229,8 +229,8 @@ def run_cpu(args, report):
                    "load_avg_1min_before": os.getloadavg()[0]}
             # The reference loop at L = 2000 takes most of a minute per call on 2 cores:
             # one call, no warm-up (the short shape warmed the same code up). The op's calls
-            # are cheap: more of them, so that one slow call (a page-faulting allocation, a
-            # core taken by another job) does not move its median.
+            # are cheap: more of them, so that one slow call (a core slowed by another job or
+            # by the VM) does not move its median.
             calls = {kind: make_call(kind, mode, shape, dtype, "cpu") for kind in ("op", "ref")}
             seconds = time_cpu(calls, warmup={"op": 2, "ref": 0 if long else 1},
                                repeats={"op": 7 if long else 15, "ref": 1 if long else 3})

@@ -97,8 +97,8 @@ CM_INLINE_INTO_CLONES float sum_lanes(const float (&part)[kLanes]) {
 // each other pairwise (halves, quarters, pairs, single lanes), 45 shuffles and additions for
 // 16 sums instead of 9 dependent ones per sum. The scans store each (modality, step)'s
 // kLanes partial sums and reduce a whole chunk's at once with this: with few states
-// (N = 16: one vector per (modality, step)) the per-sum reduction was the forward's
-// bottleneck.
+// (N = 16: one vector per (modality, step)) the per-sum reduction was the largest item of
+// the forward's profile.
 CM_INLINE_INTO_CLONES void sum_16_lane_blocks(const float* __restrict parts,
                                               float* __restrict sums) {
   static_assert(kLanes == 16, "the foldings below are for 16 lanes");

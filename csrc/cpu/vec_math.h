@@ -30,8 +30,8 @@ struct ExpClamp {
   // The same bounds, read from memory that the compiler cannot see through. With constant
   // bounds gcc folds exp(bound) and turns each clamp into compares and blends after the
   // polynomial: six vector instructions instead of one max and one min, a quarter of the
-  // exponential. The hot loop (the decays exp(Δ·A), a third of the scan's time) takes its
-  // bounds from here, read once per call.
+  // exponential. The hot loops (the decays exp(Δ·A), the largest item of the scan's
+  // profile) take their bounds from here, read once per call.
   static ExpClamp opaque() {
     static volatile float lo = ExpClamp{}.lo, hi = ExpClamp{}.hi;
     return ExpClamp{lo, hi};
@@ -90,8 +90,9 @@ inline double sigmoid_vec(double x) { return sigmoid(x); }
 // previous mode after. The scan makes denormals routinely: exp(Δ·A) is ~1e-38 when Δ·A is
 // below -87 (exp_vec's clamp) and its product with a state is then denormal; and with
 // constant clamp bounds gcc evaluates both sides of exp_vec's clamps in every lane and
-// blends, so the clamped side's products are computed even for ordinary inputs. Each denormal costs a microcode assist
-// (~100 cycles on Intel cores): without this the forward pass ran several times slower.
+// blends, so the clamped side's products are computed even for ordinary inputs. Each
+// denormal costs a microcode assist (~100 cycles on Intel cores): without this the forward
+// pass ran several times slower.
 // Values below 1.2e-38 are far under fp32's resolution of the sums they enter.
 class FlushDenormals {
  public:
