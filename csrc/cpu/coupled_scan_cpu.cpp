@@ -132,38 +132,6 @@ CM_INLINE_INTO_CLONES void sum_16_lane_blocks(const float* __restrict parts,
   __builtin_memcpy(sums, &total, sizeof total);
 }
 #define CM_HAVE_SUM_16_LANE_BLOCKS 1
-
-// The sums of three blocked reductions at once: the three vectors are folded together, two
-// or three per vector, so that the shuffles and additions are shared (about 17 instructions
-// instead of 27; the backward pass makes three such sums per (modality, step)).
-CM_INLINE_INTO_CLONES void sum_lanes3(const float (&a)[kLanes], const float (&b)[kLanes],
-                                      const float (&c)[kLanes], float& sum_a, float& sum_b,
-                                      float& sum_c) {
-  typedef float v16 __attribute__((vector_size(64)));
-  v16 x, y, z, zero = {};
-  __builtin_memcpy(&x, a, sizeof x);
-  __builtin_memcpy(&y, b, sizeof y);
-  __builtin_memcpy(&z, c, sizeof z);
-  // [a folded to 8 | b folded to 8], [c folded to 8 | 0]
-  const v16 ab = __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7,
-                                         16, 17, 18, 19, 20, 21, 22, 23) +
-                 __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15,
-                                         24, 25, 26, 27, 28, 29, 30, 31);
-  const v16 c0 = __builtin_shufflevector(z, zero, 0, 1, 2, 3, 4, 5, 6, 7,
-                                         16, 17, 18, 19, 20, 21, 22, 23) +
-                 __builtin_shufflevector(z, zero, 8, 9, 10, 11, 12, 13, 14, 15,
-                                         24, 25, 26, 27, 28, 29, 30, 31);
-  // [a to 4 | b to 4 | c to 4 | 0], then each group of 4 summed in place.
-  v16 s = __builtin_shufflevector(ab, c0, 0, 1, 2, 3, 8, 9, 10, 11,
-                                  16, 17, 18, 19, 24, 25, 26, 27) +
-          __builtin_shufflevector(ab, c0, 4, 5, 6, 7, 12, 13, 14, 15,
-                                  20, 21, 22, 23, 28, 29, 30, 31);
-  s += __builtin_shufflevector(s, s, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  s += __builtin_shufflevector(s, s, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  sum_a = s[0];
-  sum_b = s[4];
-  sum_c = s[8];
-}
 #endif
 template <typename acc_t>
 CM_INLINE_INTO_CLONES acc_t sum_lanes(const acc_t (&part)[kLanes]) {
@@ -171,15 +139,6 @@ CM_INLINE_INTO_CLONES acc_t sum_lanes(const acc_t (&part)[kLanes]) {
   for (int j = 0; j < 8; ++j) s8[j] = part[j] + part[j + 8];
   for (int j = 0; j < 4; ++j) s4[j] = s8[j] + s8[j + 4];
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
-
-template <typename acc_t>
-CM_INLINE_INTO_CLONES void sum_lanes3(const acc_t (&a)[kLanes], const acc_t (&b)[kLanes],
-                                      const acc_t (&c)[kLanes], acc_t& sum_a, acc_t& sum_b,
-                                      acc_t& sum_c) {
-  sum_a = sum_lanes(a);
-  sum_b = sum_lanes(b);
-  sum_c = sum_lanes(c);
 }
 
 // sums[i] = Σ_j parts[i·kLanes + j] for i < count.
@@ -494,11 +453,10 @@ CM_VECTOR_CLONES void scan_chunk_backward(
           lam_prev[n] = (first ? acc_t(0) : lam_prev[n]) + g.d_coupled_prev;
         }
       }
-      acc_t sum_A_mu_decayed, sum_mu_B, sum_w;
-      sum_lanes3(part_A_mu_decayed, part_mu_B, part_w, sum_A_mu_decayed, sum_mu_B, sum_w);
-      d_step[m * K + t] = sum_A_mu_decayed + um * sum_mu_B;
+      const acc_t sum_mu_B = sum_lanes(part_mu_B);
+      d_step[m * K + t] = sum_lanes(part_A_mu_decayed) + um * sum_mu_B;
       d_u[m * K + t] = dt * sum_mu_B;
-      dw[m] += sum_w;
+      dw[m] += sum_lanes(part_w);
     }
     std::swap(lam, lam_prev);
   }
