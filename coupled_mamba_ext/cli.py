@@ -44,17 +44,19 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--dropout", type=float, default=0.1)
     train.add_argument("--dt-rank", type=int, help="rank of the Mamba layers' delta "
                        "projection; default ceil(d_state / 8), the paper's d_state / 8")
-    train.add_argument("--dt-min", type=float, default=1e-3, help="the Mamba layers' "
-                       "initial time steps softplus(dt bias) are log-uniform in [dt-min, "
-                       "dt-max] (default Mamba's [1e-3, 1e-1])")
-    train.add_argument("--dt-max", type=float, default=1e-1)
-    train.add_argument("--weight-decay-on", choices=("all", "weights"), default="all",
-                       help="all parameters (the paper's Adam), or weight matrices and kernels "
-                       "only: no decay on A_log and D (marked _no_weight_decay, as in "
-                       "mamba_ssm), nor on biases, norms, the dt bias and the coupling logits")
-    train.add_argument("--bc-norm", action="store_true",
+    train.add_argument("--dt-min", type=float, help="the Mamba layers' initial time steps "
+                       "softplus(dt bias) are log-uniform in [dt-min, dt-max]; default "
+                       "Mamba's [1e-3, 1e-1], for synthetic [1/16, 1]")
+    train.add_argument("--dt-max", type=float)
+    train.add_argument("--weight-decay-on", choices=("all", "weights"),
+                       help="all parameters (the paper's Adam; the default), or weight "
+                       "matrices and kernels only (the default for synthetic): no decay on "
+                       "A_log and D (marked _no_weight_decay, as in mamba_ssm), nor on "
+                       "biases, norms, the dt bias and the coupling logits")
+    train.add_argument("--bc-norm", action=argparse.BooleanOptionalAction,
                        help="RMS-normalise the Mamba layers' B and C over the state axis, "
-                       "without a learnable weight (as Falcon-Mamba); every Mamba-based fusion")
+                       "without a learnable weight (as Falcon-Mamba), in every Mamba-based "
+                       "fusion; default off, on for synthetic")
     train.add_argument("--coupling", choices=COUPLINGS, default="learned",
                        help="coupled state weights of --fusion coupled: learned softmax "
                        "(starts at 1/M), fixed mean 1/M, or the paper's plain sum (grows "
@@ -62,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     train.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data")
     train.add_argument("--synthetic-train-size", type=int, help="training clips of the "
-                       "synthetic data (default 2000; valid and test do not change)")
+                       "synthetic data (default 8000; valid and test do not change)")
     train.add_argument("--device", help="cpu, cuda, cuda:1...; default cuda when available")
     train.add_argument("--amp", choices=("bf16",), help="bfloat16 autocast")
     train.add_argument("--resume", action="store_true",

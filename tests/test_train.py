@@ -181,17 +181,23 @@ def test_dt_range_and_weight_decay_options_reach_the_model_and_optimizer(pickle_
         training.train(tiny_config(pickle_path, tmp_path / "bad", weight_decay_on="some"))
     with pytest.raises(ValueError, match="weight_decay_on='weights' \\(now 'all'\\)"):
         training.train(tiny_config(pickle_path, out, epochs=2, dt_min=0.125, dt_max=1.0,
-                                   resume=True))
+                                   weight_decay_on="all", resume=True))
+    # a given bound is checked against the other's default too (synthetic: dt_max 1)
+    with pytest.raises(ValueError, match="dt_min <= dt_max"):
+        training.train(tiny_config(pickle_path, tmp_path / "bad", dt_min=2.0))
 
 
 def test_bc_norm_and_synthetic_train_size_options(tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--data", "synthetic", "--out", str(out), "--epochs", "1",
-                 "--device", "cpu", "--bc-norm", "--synthetic-train-size", "32",
+                 "--device", "cpu", "--no-bc-norm", "--synthetic-train-size", "32",
                  "--fusion", "average", *TINY]) == 0
     saved = training.load_checkpoint(str(out / "best.pt"))
-    assert saved["config"]["bc_norm"] is True and saved["config"]["synthetic_train_size"] == 32
+    assert saved["config"]["bc_norm"] is False and saved["config"]["synthetic_train_size"] == 32
     model = training.build_model(training.TrainConfig(**saved["config"]), [32, 12, 24], 2)
+    assert not any(layer.bc_norm for layer in model.encoder.mamba.layers)
+    config = training.TrainConfig(**{**saved["config"], "bc_norm": True})
+    model = training.build_model(config, [32, 12, 24], 2)
     assert all(layer.bc_norm for layer in model.encoder.mamba.layers)
     results = json.loads((out / "results.json").read_text())
     assert len(results["history"]) == 1
@@ -210,17 +216,32 @@ def test_bc_norm_and_synthetic_train_size_options(tmp_path):
         training.train(tiny_config("synthetic", tmp_path / "bad", synthetic_train_size=0))
 
 
-def test_checkpoints_without_the_newer_options_resume_with_their_defaults(pickle_path,
-                                                                           tmp_path):
-    training.train(tiny_config(pickle_path, tmp_path, epochs=1))
+def test_checkpoints_without_the_newer_options_resume_with_what_they_ran(pickle_path,
+                                                                         tmp_path):
+    """A checkpoint from before an option existed ran with the option's old behaviour (the
+    paper's layer settings): resuming it with those works, with today's synthetic defaults
+    is refused, and eval rebuilds the model it ran."""
+    before = dict(dt_min=1e-3, dt_max=1e-1, weight_decay_on="all", bc_norm=False)
+    training.train(tiny_config(pickle_path, tmp_path, epochs=1, **before))
     path = tmp_path / training.CHECKPOINT
     saved = training.load_checkpoint(str(path))
     for key in ("dt_rank", "coupling", "dt_min", "dt_max", "weight_decay_on", "bc_norm",
                 "synthetic_train_size"):
         del saved["config"][key]
     torch.save(saved, path)
-    results = training.train(tiny_config(pickle_path, tmp_path, epochs=2, resume=True))
+    with pytest.raises(ValueError, match="bc_norm=False \\(now True\\)"):
+        training.train(tiny_config(pickle_path, tmp_path, epochs=2, resume=True))
+    results = training.train(tiny_config(pickle_path, tmp_path, epochs=2, resume=True, **before))
     assert [h["epoch"] for h in results["history"]] == [1, 2]
+    best = training.load_checkpoint(str(tmp_path / training.BEST))
+    del best["config"]["bc_norm"]
+    torch.save(best, tmp_path / "old_best.pt")
+    old = training.evaluate_checkpoint(str(tmp_path / "old_best.pt"), pickle_path, device="cpu")
+    assert old["test"] == pytest.approx(results["test"])
+    # `--data synthetic` used to mean the generator's 2000 training clips
+    legacy = {**saved["config"], "data": "synthetic"}
+    assert training._with_fields_added_since(legacy)["synthetic_train_size"] == 2000
+    assert training._with_fields_added_since(saved["config"])["synthetic_train_size"] is None
 
 
 def test_classification_with_bf16_autocast(pickle_path, tmp_path):
@@ -274,3 +295,20 @@ def test_cli_writes_the_synthetic_pickle(tmp_path):
     assert main(["synthetic", "--out", str(path), "--seed", "2"]) == 0
     data = load_mmsa(path)
     assert data.info.name == "synthetic" and len(data.splits["train"]) == 2000
+
+
+def test_layer_and_optimizer_defaults_depend_on_the_dataset(pickle_path):
+    """Synthetic data get the settings under which its task is learned; the real datasets
+    keep the paper's Adam and Mamba's layer; given options win in both."""
+    synthetic = load_mmsa(pickle_path)
+    resolved = training.resolve_defaults(tiny_config(pickle_path, "unused"), synthetic)
+    assert (resolved.dt_min, resolved.dt_max, resolved.weight_decay_on, resolved.bc_norm) == \
+        (1 / 16, 1.0, "weights", True)
+    as_mosi = training.resolve_defaults(tiny_config(pickle_path, "unused", dataset="mosi"),
+                                        load_mmsa(pickle_path, "mosi"))
+    assert (as_mosi.dt_min, as_mosi.dt_max, as_mosi.weight_decay_on, as_mosi.bc_norm) == \
+        (1e-3, 1e-1, "all", False)
+    assert as_mosi.batch_size == 16  # given (tiny_config); MOSI's default would be 128
+    given = training.resolve_defaults(
+        tiny_config(pickle_path, "unused", bc_norm=False, weight_decay_on="all"), synthetic)
+    assert (given.bc_norm, given.weight_decay_on, given.dt_min) == (False, "all", 1 / 16)
