@@ -361,8 +361,9 @@ def write_report(results: dict, table: str, path: str) -> None:
 
 # ----------------------------------------------------------------------------- train
 def _with_fields_added_since(saved: dict) -> dict:
-    """A saved configuration with the fields it predates set to what its run used."""
-    saved = {**_BEFORE_THE_OPTIONS, **saved}
+    """A saved configuration with the fields it predates set to what its run used (the
+    listed options' former meaning, else the field's default)."""
+    saved = {**dataclasses.asdict(TrainConfig(data="", out="")), **_BEFORE_THE_OPTIONS, **saved}
     if saved["data"] == "synthetic" and saved["synthetic_train_size"] is None:
         # Before SYNTHETIC_TRAIN_SIZE, `--data synthetic` trained on the generator's default.
         saved["synthetic_train_size"] = SYNTHETIC_DEFAULT_SIZES["train"]

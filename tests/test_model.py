@@ -97,6 +97,25 @@ def test_layer_matches_per_modality_algorithm(coupling, bc_norm):
     torch.testing.assert_close(layer(x), naive_layer_forward(layer, x), rtol=1e-4, atol=1e-5)
 
 
+def test_causal_conv_and_its_gradients_match_a_depthwise_conv1d():
+    """The CPU path (shifted products) against one depthwise conv1d per modality, float64:
+    output and the gradients of the input, the kernel and the bias."""
+    torch.manual_seed(0)
+    layer = CoupledMambaLayer(8, 3, d_state=4).double()
+    u = torch.randn(3, 2, 7, layer.d_inner, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(3, 2, layer.d_inner, 7, dtype=torch.float64)
+    params = (u, layer.conv_weight, layer.conv_bias)
+    got = torch.autograd.grad(layer._causal_conv(u), params, grad_out)
+    K, E = layer.d_conv, layer.d_inner
+    expected_out = torch.stack([
+        F.conv1d(u[m].transpose(1, 2), layer.conv_weight[m][:, None], layer.conv_bias[m],
+                 padding=K - 1, groups=E)[..., :7] for m in range(3)])
+    expected = torch.autograd.grad(expected_out, params, grad_out)
+    torch.testing.assert_close(layer._causal_conv(u), expected_out, rtol=1e-12, atol=1e-12)
+    for name, g, e in zip(("u", "conv_weight", "conv_bias"), got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("coupling, bc_norm", [("learned", False), ("sum", False),
                                                ("learned", True)])
 def test_layer_step_equals_forward(coupling, bc_norm):
