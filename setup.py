@@ -52,7 +52,9 @@ def extension():
     # torch adds the C++ standard it needs. -fopenmp: at::parallel_for is inline OpenMP code
     # in torch's headers, serial without it. -fno-trapping-math lets gcc turn the clamps of
     # the CPU kernels' exp into min/max instructions and vectorise the loop over states.
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    # -g0 undoes the -g of Python's own compiler flags: debug information for torch's headers
+    # made each file a quarter slower to compile (68 -> 51 s for csrc/coupled_scan.cpp here).
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-g0"]
     link = ["-fopenmp"]
     includes = [os.path.join(ROOT, "include")]
     if not with_cuda:
