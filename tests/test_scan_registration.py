@@ -3,6 +3,8 @@ kernels, autograd registration, AOT dispatch), torch.compile(fullgraph=True) for
 backward against eager, and build_info()."""
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,3 +139,16 @@ def test_runs_from_installed_wheel():
     archs = os.environ.get("COUPLED_MAMBA_EXPECT_ARCHS")
     if archs:
         assert build_info()["cuda_archs"] == [a for a in archs.split(";") if a], build_info()
+
+
+@pytest.mark.skipif(os.environ.get("COUPLED_MAMBA_EXPECT_INSTALLED") != "1",
+                    reason="checks an installed wheel; set COUPLED_MAMBA_EXPECT_INSTALLED=1")
+def test_installed_wheel_has_the_console_script():
+    """The wheel's `coupled-mamba` entry point (make demo runs the module from the source
+    tree, so nothing else starts the installed script)."""
+    script = os.path.join(os.path.dirname(sys.executable), "coupled-mamba")
+    assert os.path.exists(script), script
+    done = subprocess.run([script, "train", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--synthetic-train-size" in done.stdout and "--bc-norm" in done.stdout
