@@ -43,9 +43,6 @@ SYNTHETIC_DEFAULTS = {"epochs": 15, "d_model": 32, "n_layers": 2, "d_state": 8, 
 # Training clips generated for `--data synthetic` (the generator's own default is 2000,
 # what `--data synthetic` trained on before this constant).
 SYNTHETIC_TRAIN_SIZE = 8000
-# What the options added after the first checkpoints were written meant before they existed.
-_BEFORE_THE_OPTIONS = {"dt_rank": None, "coupling": "learned", "synthetic_train_size": None,
-                       **PAPER_LAYER_DEFAULTS}
 
 CHECKPOINT = "checkpoint.pt"  # everything needed to resume; rewritten after every epoch
 BEST = "best.pt"              # the model selected on the validation split, for `eval`
@@ -361,9 +358,10 @@ def write_report(results: dict, table: str, path: str) -> None:
 
 # ----------------------------------------------------------------------------- train
 def _with_fields_added_since(saved: dict) -> dict:
-    """A saved configuration with the fields it predates set to what its run used (the
-    listed options' former meaning, else the field's default)."""
-    saved = {**dataclasses.asdict(TrainConfig(data="", out="")), **_BEFORE_THE_OPTIONS, **saved}
+    """A saved configuration with the fields it predates set to what its run used: the layer
+    options' former meaning (PAPER_LAYER_DEFAULTS, for every dataset), else the field's
+    default."""
+    saved = {**dataclasses.asdict(TrainConfig(data="", out="")), **PAPER_LAYER_DEFAULTS, **saved}
     if saved["data"] == "synthetic" and saved["synthetic_train_size"] is None:
         # Before SYNTHETIC_TRAIN_SIZE, `--data synthetic` trained on the generator's default.
         saved["synthetic_train_size"] = SYNTHETIC_DEFAULT_SIZES["train"]
