@@ -10,11 +10,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (registers the operators)
+from . import _C  # registers the operators; its constants describe the build
 
 # Forward keeps the coupled state only at the start of every chunk of this many steps;
 # backward recomputes the states inside a chunk. Must match kChunkLen in include/.
-CHUNK_LEN = _C.chunk_len()
+CHUNK_LEN = _C.CHUNK_LEN
 
 
 def _n_chunks(L: int) -> int:
@@ -145,6 +145,6 @@ def build_info() -> dict:
     """What the compiled extension contains: version, torch it was built against, whether
     CUDA kernels are compiled in, and for which architectures."""
     from . import __version__
-    info = dict(_C.build_info())
-    info["version"] = __version__
-    return info
+    return {"version": __version__, "torch": _C.TORCH_VERSION, "cuda": bool(_C.WITH_CUDA),
+            "cuda_archs": [arch for arch in _C.CUDA_ARCHS.split(";") if arch],
+            "max_dstate": _C.MAX_DSTATE, "max_modalities": _C.MAX_MODALITIES}

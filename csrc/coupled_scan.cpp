@@ -1,4 +1,4 @@
-// Operator schemas, argument checks and the Python module of the extension.
+// Operator schemas and the argument checks and output allocation both backends share.
 #include "coupled_scan.h"
 
 #include <cstdlib>
@@ -7,7 +7,11 @@
 #include <string>
 #include <vector>
 
-#include <torch/extension.h>
+// ATen's per-operator headers rather than <torch/extension.h>: the whole of torch's C++ API
+// and pybind11 made this file take a minute to compile on 2 cores, these about 20 s.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 namespace coupled_mamba {
 namespace {
@@ -286,36 +290,3 @@ TORCH_LIBRARY(coupled_mamba, m) {
 }
 
 }  // namespace coupled_mamba
-
-#ifndef COUPLED_MAMBA_TORCH_VERSION
-#define COUPLED_MAMBA_TORCH_VERSION "unknown"
-#endif
-#ifndef COUPLED_MAMBA_CUDA_ARCHS
-#define COUPLED_MAMBA_CUDA_ARCHS ""
-#endif
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("chunk_len", [] { return coupled_mamba::kChunkLen; },
-        "Time steps between the coupled states that forward saves for backward.");
-  m.def(
-      "build_info",
-      [] {
-        pybind11::dict info;
-        info["torch"] = COUPLED_MAMBA_TORCH_VERSION;
-#ifdef COUPLED_MAMBA_WITH_CUDA
-        info["cuda"] = true;
-#else
-        info["cuda"] = false;
-#endif
-        std::vector<std::string> archs;
-        std::string list = COUPLED_MAMBA_CUDA_ARCHS;
-        std::stringstream stream(list);
-        for (std::string item; std::getline(stream, item, ';');)
-          if (!item.empty()) archs.push_back(item);
-        info["cuda_archs"] = archs;
-        info["max_dstate"] = coupled_mamba::kMaxDState;
-        info["max_modalities"] = coupled_mamba::kMaxModalities;
-        return info;
-      },
-      "What this build of the extension contains.");
-}

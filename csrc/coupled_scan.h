@@ -5,7 +5,7 @@
 #include <optional>
 #include <tuple>
 
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 #include "coupled_mamba/params.h"
 

@@ -1,4 +1,5 @@
 // CPU implementations of the coupled_mamba operators.
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "../coupled_scan.h"

@@ -9,7 +9,7 @@ namespace coupled_mamba {
 
 // Forward keeps the coupled state only at the start of every chunk of kChunkLen steps;
 // backward recomputes the states inside one chunk at a time. The Python layer reads this
-// value through _C.chunk_len().
+// value as _C.CHUNK_LEN.
 constexpr int kChunkLen = 64;
 // Largest supported state size N (registers / scratch are sized by it).
 constexpr int kMaxDState = 256;
