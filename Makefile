@@ -66,13 +66,12 @@ test: install
 
 # The demo runs on the CPU, so it builds the extension in place without the CUDA kernels
 # (under a minute on 2 cores instead of three) against the CPU-only torch and runs it from
-# the source tree; `make test` builds and installs the wheel on its own. One OpenMP thread:
-# on a 2-core machine two threads per op run slower than one here (docs/training.md). The
-# previous demo's output is replaced.
+# the source tree; `make test` builds and installs the wheel on its own. The previous
+# demo's output is replaced.
 demo: $(DEMO_VENV)/.ready
 	FORCE_CUDA=0 $(DEMO_PY) setup.py -q build_ext --inplace
 	rm -rf runs/demo
-	OMP_NUM_THREADS=1 PYTHONPATH=. $(DEMO_PY) -m coupled_mamba_ext train --data synthetic --out runs/demo --device cpu
+	PYTHONPATH=. $(DEMO_PY) -m coupled_mamba_ext train --data synthetic --out runs/demo --device cpu
 
 # In-place build for working on the code: PYTHONPATH=. then imports the source tree.
 develop: $(VENV)/.ready

@@ -92,6 +92,29 @@ def test_gradient_through_final_state_only(device):
         assert_rel_close(leaves[name].grad, expected, GRAD_TOL[torch.float32], "d" + name)
 
 
+def test_cpu_backward_with_two_threads_is_reproducible_and_correct():
+    """With several threads the CPU backward cuts its tasks (batch index, 16 channels) into
+    one contiguous part per thread and adds the parts' sums over channels in part order.
+    With two threads this shape (3 batch indices of 5 channel blocks: 15 tasks, cut after
+    the 7th) splits batch index 1 between the parts, whose dB and dC go through the second
+    part's private sums: every gradient matches the reference and is bitwise the same in a
+    second run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inputs = make_scan_inputs(3, 3, 80, 64, 16, dtype=torch.float32, seed=5)
+        check_gradients(inputs)
+        g = torch.Generator().manual_seed(1)
+        dy = torch.randn(3, 3, 80, 64, generator=g)
+        dfinal = torch.randn(3, 80, 16, generator=g)
+        first = scan_with_grads(coupled_selective_scan, inputs, dy, dfinal)
+        second = scan_with_grads(coupled_selective_scan, inputs, dy, dfinal)
+    finally:
+        torch.set_num_threads(threads)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
 # ------------------------------------------------------------------------------ gradcheck
 # softplus changes only how delta and delta_bias enter; the other arguments are checked with it.
 GRADCHECK_CASES = ([(name, True) for name in SCAN_TENSOR_ARGS]

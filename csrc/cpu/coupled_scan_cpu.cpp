@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -534,6 +533,17 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
   });
 }
 
+// What one part of the backward's tasks sums over channels that other parts' tasks sum too,
+// kept apart and added to the outputs in part order after all parts are done.
+template <typename acc_t>
+struct PartSums {
+  std::vector<acc_t> dA, dD, dbias, dw;  // [m][e][n], [m][e], [m][e], [m]
+  // dB and dC [m][n][t] of the part's first batch index when an earlier part has tasks of
+  // it too (first_b >= 0); the part's other batch indices are its alone and written directly.
+  int64_t first_b = -1;
+  std::vector<acc_t> dB_first, dC_first;
+};
+
 template <typename input_t>
 void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
   using acc_t = cpu_acc_t<input_t>;
@@ -550,13 +560,19 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
   auto* dbias_out = static_cast<acc_t*>(p.ddelta_bias);
   auto* dw_out = static_cast<acc_t*>(p.dcoupling);
   auto* dinit_out = static_cast<acc_t*>(p.dinitial_state);
-  // Tasks of one batch index share dB, dC; tasks of one channel block share dA, dD, ...:
-  // each task accumulates privately and adds its sums under this lock.
-  std::mutex flush_lock;
 
+  // The tasks, batch index major, are cut into n_parts contiguous ranges, one per thread
+  // (the forward's hand-out of single tasks would make the order in which tasks add into
+  // dB, dC, dA, ... depend on timing). Every sum over channels is then taken in a fixed
+  // order: within a part in task order, across parts in part order. The gradients are the
+  // same from run to run for a given number of threads (torch.get_num_threads()); another
+  // number of threads cuts the parts elsewhere and rounds differently.
   const int64_t n_tasks = s.batch * blocks_per_batch;
-  std::atomic<int64_t> next_task{0};  // see the forward kernel
-  at::parallel_for(0, n_tasks, parallel_grain(s), [&](int64_t, int64_t) {
+  const int64_t n_parts = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(),
+                           (n_tasks + parallel_grain(s) - 1) / parallel_grain(s)));
+  std::vector<PartSums<acc_t>> part_sums(n_parts);
+  at::parallel_for(0, n_parts, 1, [&](int64_t part_begin, int64_t part_end) {
     const cpu::FlushDenormals flush_denormals;
     TaskScratch<acc_t> in(p);
     // history[0]'s padded states stay 0 (only the first N are written from the saved states).
@@ -564,97 +580,134 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
     std::vector<acc_t> dyhat(M * K), d_step(M * K), d_u(M * K), z(K), y_ungated(K), dz(K);
     std::vector<acc_t> lambda(kRowsPerTask * Np), dA(kRowsPerTask * M * Np),
         dD(kRowsPerTask * M), dbias(kRowsPerTask * M), dB_tile(M * K * Np), dC_tile(M * K * Np);
-    std::vector<acc_t> dw(M, acc_t(0));  // [m], this thread's sum
-    for (int64_t task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
-      in.start_task(p, task);
-      const int64_t b = in.b, e0 = in.e0, rows = in.rows;
-      // lambda = dℓ/dG[t] per channel, starting from the final state's gradient.
-      std::fill(lambda.begin(), lambda.end(), acc_t(0));  // padded states too, as in forward
-      if (p.dfinal_state.present())
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t n = 0; n < N; ++n)
-            lambda[r * Np + n] = ptr4<acc_t>(p.dfinal_state, b, e0 + r, n, 0)[0];
-      std::fill(dA.begin(), dA.end(), acc_t(0));
-      std::fill(dD.begin(), dD.end(), acc_t(0));
-      std::fill(dbias.begin(), dbias.end(), acc_t(0));
+    for (int64_t part = part_begin; part < part_end; ++part) {
+      PartSums<acc_t>& sums = part_sums[part];
+      sums.dA.assign(M * s.dim * N, acc_t(0));
+      sums.dD.assign(M * s.dim, acc_t(0));
+      sums.dbias.assign(M * s.dim, acc_t(0));
+      sums.dw.assign(M, acc_t(0));
+      const int64_t task_begin = part * n_tasks / n_parts;
+      const int64_t task_end = (part + 1) * n_tasks / n_parts;
+      if (task_begin % blocks_per_batch != 0) {  // the previous part has this batch index too
+        sums.first_b = task_begin / blocks_per_batch;
+        sums.dB_first.assign(M * N * L, acc_t(0));
+        sums.dC_first.assign(M * N * L, acc_t(0));
+      }
+      for (int64_t task = task_begin; task < task_end; ++task) {
+        in.start_task(p, task);
+        const int64_t b = in.b, e0 = in.e0, rows = in.rows;
+        // lambda = dℓ/dG[t] per channel, starting from the final state's gradient.
+        std::fill(lambda.begin(), lambda.end(), acc_t(0));  // padded states too, as in forward
+        if (p.dfinal_state.present())
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t n = 0; n < N; ++n)
+              lambda[r * Np + n] = ptr4<acc_t>(p.dfinal_state, b, e0 + r, n, 0)[0];
+        std::fill(dA.begin(), dA.end(), acc_t(0));
+        std::fill(dD.begin(), dD.end(), acc_t(0));
+        std::fill(dbias.begin(), dbias.end(), acc_t(0));
 
-      for (int64_t c = s.n_chunks - 1; c >= 0; --c) {
-        const int64_t t0 = c * K, T = std::min(L - t0, K);
-        in.template load_tiles<input_t>(p, t0, T);
-        std::fill(dB_tile.begin(), dB_tile.end(), acc_t(0));
-        std::fill(dC_tile.begin(), dC_tile.end(), acc_t(0));
+        for (int64_t c = s.n_chunks - 1; c >= 0; --c) {
+          const int64_t t0 = c * K, T = std::min(L - t0, K);
+          in.template load_tiles<input_t>(p, t0, T);
+          std::fill(dB_tile.begin(), dB_tile.end(), acc_t(0));
+          std::fill(dC_tile.begin(), dC_tile.end(), acc_t(0));
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t e = e0 + r;
+            in.template load_steps_of_row<input_t>(p, r, t0, T);
+            // Pass 1, the gate: dŷ = dy·silu(z), dz = dy·ŷ·silu'(z).
+            for (int64_t m = 0; m < M; ++m) {
+              acc_t* dyhat_m = &dyhat[m * K];
+              load_steps<input_t>(p.dy, m, b, e, t0, T, dyhat_m);
+              if (!p.z.present()) continue;
+              load_steps<input_t>(p.z, m, b, e, t0, T, z.data());
+              load_steps<input_t>(p.y_ungated, m, b, e, t0, T, y_ungated.data());
+              gate_backward_steps(T, z.data(), y_ungated.data(), dyhat_m, dz.data());
+              store_steps(dz.data(), T, &dz_out[((m * s.batch + b) * s.dim + e) * L + t0]);
+            }
+            // Pass 2: recompute the chunk from its saved start, then walk it backwards.
+            for (int64_t n = 0; n < N; ++n) history[n] = ptr4<acc_t>(p.chunk_states, b, e, c, n)[0];
+            scan_chunk_recompute(M, Np, T, in.step.data(), in.drive.data(), in.w.data(),
+                                 in.A_row(r), in.B_tile.data(), history.data(), decays.data());
+            scan_chunk_backward(M, Np, T, in.step.data(), in.u.data(), in.drive.data(),
+                                in.w.data(), dyhat.data(), in.A_row(r), in.B_tile.data(),
+                                in.C_tile.data(), history.data(), decays.data(), &lambda[r * Np],
+                                spare.data(), &dA[r * M * Np], dB_tile.data(), dC_tile.data(),
+                                sums.dw.data(), d_step.data(), d_u.data());
+            // Pass 3: du = Σ_n dℓ/du + dŷ·D, dδ = dℓ/dΔ · softplus'(δ + β); D and β gradients.
+            for (int64_t m = 0; m < M; ++m) {
+              const int64_t out = ((m * s.batch + b) * s.dim + e) * L + t0;
+              const acc_t D = in.D[r * M + m];
+              const acc_t* __restrict dyhat_m = &dyhat[m * K];
+              const acc_t* __restrict u_m = &in.u[m * K];
+              acc_t* __restrict d_step_m = &d_step[m * K];
+              acc_t* __restrict d_u_m = &d_u[m * K];
+              if (p.delta_softplus) softplus_grad_steps(T, &in.pre[m * K], d_step_m);
+              acc_t sum_dD = 0, sum_dbias = 0;
+              for (int64_t k = 0; k < T; ++k) {
+                d_u_m[k] += dyhat_m[k] * D;
+                sum_dD += dyhat_m[k] * u_m[k];
+                sum_dbias += d_step_m[k];
+              }
+              dD[r * M + m] += sum_dD;
+              dbias[r * M + m] += sum_dbias;
+              store_steps(d_u_m, T, &du_out[out]);
+              store_steps(d_step_m, T, &ddelta_out[out]);
+            }
+            if (c > 0)
+              for (int64_t m = 0; m < M; ++m)
+                for (const TensorArg* x : {&p.delta, &p.u, &p.dy, &p.z, &p.y_ungated})
+                  prefetch_steps<input_t>(*x, m, b, e, t0 - K, K);
+          }
+          // This chunk's dB, dC, summed over the task's channels.
+          const bool shared_b = b == sums.first_b;
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n)
+              for (int64_t k = 0; k < T; ++k) {
+                const int64_t tile = (m * K + k) * Np + n;
+                if (shared_b) {
+                  const int64_t first = (m * N + n) * L + t0 + k;
+                  sums.dB_first[first] += dB_tile[tile];
+                  sums.dC_first[first] += dC_tile[tile];
+                } else {
+                  const int64_t out = m * p.dBC_stride[0] + b * p.dBC_stride[1] +
+                                      n * p.dBC_stride[2] + (t0 + k) * p.dBC_stride[3];
+                  dB_out[out] += dB_tile[tile];
+                  dC_out[out] += dC_tile[tile];
+                }
+              }
+        }
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t e = e0 + r;
-          in.template load_steps_of_row<input_t>(p, r, t0, T);
-          // Pass 1, the gate: dŷ = dy·silu(z), dz = dy·ŷ·silu'(z).
+          std::copy(&lambda[r * Np], &lambda[r * Np] + N, &dinit_out[(b * s.dim + e) * N]);
           for (int64_t m = 0; m < M; ++m) {
-            acc_t* dyhat_m = &dyhat[m * K];
-            load_steps<input_t>(p.dy, m, b, e, t0, T, dyhat_m);
-            if (!p.z.present()) continue;
-            load_steps<input_t>(p.z, m, b, e, t0, T, z.data());
-            load_steps<input_t>(p.y_ungated, m, b, e, t0, T, y_ungated.data());
-            gate_backward_steps(T, z.data(), y_ungated.data(), dyhat_m, dz.data());
-            store_steps(dz.data(), T, &dz_out[((m * s.batch + b) * s.dim + e) * L + t0]);
+            for (int64_t n = 0; n < N; ++n)
+              sums.dA[(m * s.dim + e) * N + n] += dA[(r * M + m) * Np + n];
+            sums.dD[m * s.dim + e] += dD[r * M + m];
+            sums.dbias[m * s.dim + e] += dbias[r * M + m];
           }
-          // Pass 2: recompute the chunk from its saved start, then walk it backwards.
-          for (int64_t n = 0; n < N; ++n) history[n] = ptr4<acc_t>(p.chunk_states, b, e, c, n)[0];
-          scan_chunk_recompute(M, Np, T, in.step.data(), in.drive.data(), in.w.data(),
-                               in.A_row(r), in.B_tile.data(), history.data(), decays.data());
-          scan_chunk_backward(M, Np, T, in.step.data(), in.u.data(), in.drive.data(), in.w.data(),
-                              dyhat.data(), in.A_row(r), in.B_tile.data(), in.C_tile.data(),
-                              history.data(), decays.data(), &lambda[r * Np], spare.data(),
-                              &dA[r * M * Np], dB_tile.data(), dC_tile.data(), dw.data(),
-                              d_step.data(), d_u.data());
-          // Pass 3: du = Σ_n dℓ/du + dŷ·D, dδ = dℓ/dΔ · softplus'(δ + β); D and β gradients.
-          for (int64_t m = 0; m < M; ++m) {
-            const int64_t out = ((m * s.batch + b) * s.dim + e) * L + t0;
-            const acc_t D = in.D[r * M + m];
-            const acc_t* __restrict dyhat_m = &dyhat[m * K];
-            const acc_t* __restrict u_m = &in.u[m * K];
-            acc_t* __restrict d_step_m = &d_step[m * K];
-            acc_t* __restrict d_u_m = &d_u[m * K];
-            if (p.delta_softplus) softplus_grad_steps(T, &in.pre[m * K], d_step_m);
-            acc_t sum_dD = 0, sum_dbias = 0;
-            for (int64_t k = 0; k < T; ++k) {
-              d_u_m[k] += dyhat_m[k] * D;
-              sum_dD += dyhat_m[k] * u_m[k];
-              sum_dbias += d_step_m[k];
-            }
-            dD[r * M + m] += sum_dD;
-            dbias[r * M + m] += sum_dbias;
-            store_steps(d_u_m, T, &du_out[out]);
-            store_steps(d_step_m, T, &ddelta_out[out]);
-          }
-          if (c > 0)
-            for (int64_t m = 0; m < M; ++m)
-              for (const TensorArg* x : {&p.delta, &p.u, &p.dy, &p.z, &p.y_ungated})
-                prefetch_steps<input_t>(*x, m, b, e, t0 - K, K);
-        }
-        std::lock_guard<std::mutex> guard(flush_lock);
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t n = 0; n < N; ++n)
-            for (int64_t k = 0; k < T; ++k) {
-              const int64_t tile = (m * K + k) * Np + n;
-              const int64_t out = m * p.dBC_stride[0] + b * p.dBC_stride[1] +
-                                  n * p.dBC_stride[2] + (t0 + k) * p.dBC_stride[3];
-              dB_out[out] += dB_tile[tile];
-              dC_out[out] += dC_tile[tile];
-            }
-      }
-      std::lock_guard<std::mutex> guard(flush_lock);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t e = e0 + r;
-        std::copy(&lambda[r * Np], &lambda[r * Np] + N, &dinit_out[(b * s.dim + e) * N]);
-        for (int64_t m = 0; m < M; ++m) {
-          for (int64_t n = 0; n < N; ++n) dA_out[(m * s.dim + e) * N + n] += dA[(r * M + m) * Np + n];
-          if (dD_out) dD_out[m * s.dim + e] += dD[r * M + m];
-          if (dbias_out) dbias_out[m * s.dim + e] += dbias[r * M + m];
         }
       }
     }
-    std::lock_guard<std::mutex> guard(flush_lock);
-    for (int64_t m = 0; m < M; ++m) dw_out[m] += dw[m];
   });
+
+  for (const PartSums<acc_t>& sums : part_sums) {
+    for (int64_t i = 0; i < M * s.dim * N; ++i) dA_out[i] += sums.dA[i];
+    for (int64_t i = 0; i < M * s.dim; ++i) {
+      if (dD_out) dD_out[i] += sums.dD[i];
+      if (dbias_out) dbias_out[i] += sums.dbias[i];
+    }
+    for (int64_t m = 0; m < M; ++m) dw_out[m] += sums.dw[m];
+    if (sums.first_b < 0) continue;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t t = 0; t < L; ++t) {
+          const int64_t first = (m * N + n) * L + t;
+          const int64_t out = m * p.dBC_stride[0] + sums.first_b * p.dBC_stride[1] +
+                              n * p.dBC_stride[2] + t * p.dBC_stride[3];
+          dB_out[out] += sums.dB_first[first];
+          dC_out[out] += sums.dC_first[first];
+        }
+  }
 }
 
 #define COUPLED_MAMBA_INSTANTIATE_CPU(T)                         \
