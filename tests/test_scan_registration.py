@@ -127,6 +127,8 @@ def test_build_info():
     assert all(re.fullmatch(r"\d+\.\d+a?(\+PTX)?", arch) for arch in info["cuda_archs"]), info
     # Archs are those the CUDA kernels were compiled for: none without them.
     assert bool(info["cuda_archs"]) == info["cuda"], info
+    # The limits the operator enforces (tests/test_scan_errors.py: N = 257, M = 17 refused).
+    assert (info["max_dstate"], info["max_modalities"]) == (256, 16), info
 
 
 @pytest.mark.skipif(os.environ.get("COUPLED_MAMBA_EXPECT_INSTALLED") != "1",
