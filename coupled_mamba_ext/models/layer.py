@@ -104,8 +104,7 @@ class _ShiftedCausalConv(torch.autograd.Function):
         out = torch.addcmul(bias[:, None, :, None], padded[..., 0:L], taps[..., 0, :])
         for k in range(1, K):
             out.addcmul_(padded[..., k:k + L], taps[..., k, :])
-        ctx.save_for_backward(padded, weight)
-        ctx.input_dtype = u.dtype
+        ctx.save_for_backward(padded, weight)  # padded has u's dtype
         return out
 
     @staticmethod
@@ -120,7 +119,7 @@ class _ShiftedCausalConv(torch.autograd.Function):
         grad_padded = grad_out.new_zeros(padded.shape)
         for k in range(K):
             grad_padded[..., k:k + L].addcmul_(grad_out, taps[..., k, :])
-        grad_u = grad_padded[..., K - 1:].permute(0, 1, 3, 2).to(ctx.input_dtype)
+        grad_u = grad_padded[..., K - 1:].permute(0, 1, 3, 2).to(padded.dtype)
         grad_weight = torch.stack([(grad_out * padded[..., k:k + L]).sum(1).sum(-1)
                                    for k in range(K)], dim=-1)
         grad_bias = grad_out.sum(1).sum(-1)
