@@ -18,6 +18,7 @@
 #include "coupled_scan_cpu.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <type_traits>
@@ -533,6 +534,18 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
   });
 }
 
+// dst[m, n, t] += src[m, n, t] for m < M, n < N, t < T; strides (m, n, t) of each.
+template <typename acc_t>
+inline void add_planes(int64_t M, int64_t N, int64_t T, const acc_t* src,
+                       const std::array<int64_t, 3>& src_stride, acc_t* dst,
+                       const std::array<int64_t, 3>& dst_stride) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t t = 0; t < T; ++t)
+        dst[m * dst_stride[0] + n * dst_stride[1] + t * dst_stride[2]] +=
+            src[m * src_stride[0] + n * src_stride[1] + t * src_stride[2]];
+}
+
 // What one part of the backward's tasks sums over channels that other parts' tasks sum too,
 // kept apart and added to the outputs in part order after all parts are done.
 template <typename acc_t>
@@ -572,6 +585,9 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
       1, std::min<int64_t>(at::get_num_threads(),
                            (n_tasks + parallel_grain(s) - 1) / parallel_grain(s)));
   std::vector<PartSums<acc_t>> part_sums(n_parts);
+  // Strides over (m, n, t) of dB, dC (M, batch, N, L) and of a part's dB_first, dC_first.
+  const std::array<int64_t, 3> out_stride = {p.dBC_stride[0], p.dBC_stride[2], p.dBC_stride[3]};
+  const std::array<int64_t, 3> first_stride = {N * L, L, 1};
   at::parallel_for(0, n_parts, 1, [&](int64_t part_begin, int64_t part_end) {
     const cpu::FlushDenormals flush_denormals;
     TaskScratch<acc_t> in(p);
@@ -658,23 +674,17 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
                 for (const TensorArg* x : {&p.delta, &p.u, &p.dy, &p.z, &p.y_ungated})
                   prefetch_steps<input_t>(*x, m, b, e, t0 - K, K);
           }
-          // This chunk's dB, dC, summed over the task's channels.
-          const bool shared_b = b == sums.first_b;
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t n = 0; n < N; ++n)
-              for (int64_t k = 0; k < T; ++k) {
-                const int64_t tile = (m * K + k) * Np + n;
-                if (shared_b) {
-                  const int64_t first = (m * N + n) * L + t0 + k;
-                  sums.dB_first[first] += dB_tile[tile];
-                  sums.dC_first[first] += dC_tile[tile];
-                } else {
-                  const int64_t out = m * p.dBC_stride[0] + b * p.dBC_stride[1] +
-                                      n * p.dBC_stride[2] + (t0 + k) * p.dBC_stride[3];
-                  dB_out[out] += dB_tile[tile];
-                  dC_out[out] += dC_tile[tile];
-                }
-              }
+          // This chunk's dB, dC, summed over the task's channels: into the outputs, or into
+          // the part's own sums for a batch index the previous part has tasks of too.
+          const std::array<int64_t, 3> tile_stride = {K * Np, 1, Np};
+          if (b == sums.first_b) {
+            add_planes(M, N, T, dB_tile.data(), tile_stride, &sums.dB_first[t0], first_stride);
+            add_planes(M, N, T, dC_tile.data(), tile_stride, &sums.dC_first[t0], first_stride);
+          } else {
+            const int64_t at = b * p.dBC_stride[1] + t0 * p.dBC_stride[3];
+            add_planes(M, N, T, dB_tile.data(), tile_stride, dB_out + at, out_stride);
+            add_planes(M, N, T, dC_tile.data(), tile_stride, dC_out + at, out_stride);
+          }
         }
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t e = e0 + r;
@@ -698,15 +708,9 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
     }
     for (int64_t m = 0; m < M; ++m) dw_out[m] += sums.dw[m];
     if (sums.first_b < 0) continue;
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t t = 0; t < L; ++t) {
-          const int64_t first = (m * N + n) * L + t;
-          const int64_t out = m * p.dBC_stride[0] + sums.first_b * p.dBC_stride[1] +
-                              n * p.dBC_stride[2] + t * p.dBC_stride[3];
-          dB_out[out] += sums.dB_first[first];
-          dC_out[out] += sums.dC_first[first];
-        }
+    const int64_t at = sums.first_b * p.dBC_stride[1];
+    add_planes(M, N, L, sums.dB_first.data(), first_stride, dB_out + at, out_stride);
+    add_planes(M, N, L, sums.dC_first.data(), first_stride, dC_out + at, out_stride);
   }
 }
 
