@@ -217,8 +217,10 @@ __global__ void __launch_bounds__(kBwdThreads, COUPLED_MAMBA_BWD_MIN_BLOCKS)
       // memory, one atomic per element.
       __syncthreads();
       const int steps = static_cast<int>(tile_len);
+      const SmallDivisor by_steps(steps), by_count(count);  // as in stage_states
       for (int j = threadIdx.x; j < 2 * M * count * steps; j += blockDim.x) {
-        const int dt = j % steps, rest = j / steps, nn = rest % count, which_m = rest / count;
+        int dt, nn;
+        const int which_m = by_count.divide(by_steps.divide(j, dt), nn);
         const bool is_C = which_m >= M;
         const int m = is_C ? which_m - M : which_m;
         float* acc = dBC_at(is_C, m, nn) + dt;

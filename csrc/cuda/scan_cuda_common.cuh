@@ -19,6 +19,7 @@
 
 #include "coupled_mamba/params.h"
 #include "coupled_mamba/scan_math.h"
+#include "coupled_mamba/small_divisor.h"
 
 namespace coupled_mamba {
 
@@ -125,6 +126,10 @@ struct StateStage {
 // steps past L and rows past dim read as 0. Every thread of the block calls it; the caller
 // puts the barriers around it. Each thread issues kStageBatch loads before it stores any,
 // so that their latencies overlap (one load, then its store, in turn would serialise them).
+// The element indices are split by SmallDivisor: `count` and M are runtime values, and an
+// integer division by them would cost more instructions than the load and store it serves.
+// Its range holds: indices stay below 2·M·count·tile and rows·M·count (< 2^24, with
+// N <= kMaxDState, M <= kMaxModalities, tile and rows at most the block size).
 constexpr int kStageBatch = 8;
 
 template <typename input_t>
@@ -133,6 +138,7 @@ __device__ void stage_states(const StateStage& st, float* smem, const TensorArg&
                              int64_t dim, int64_t n0, int count, int64_t t0, int64_t L) {
   const int tile_shift = __ffs(st.tile) - 1;
   const int total = 2 * st.M * count * st.tile;
+  const SmallDivisor by_count(count), by_M(st.M);
   for (int first = threadIdx.x; first < total; first += kStageBatch * blockDim.x) {
     float v[kStageBatch];
     int at[kStageBatch];
@@ -141,7 +147,8 @@ __device__ void stage_states(const StateStage& st, float* smem, const TensorArg&
       const int j = first + r * blockDim.x;
       const int tt = j & (st.tile - 1), mn = j >> tile_shift;
       const bool is_C = mn >= st.M * count;
-      const int m = (is_C ? mn - st.M * count : mn) / count, nn = mn % count;
+      int nn;
+      const int m = by_count.divide(is_C ? mn - st.M * count : mn, nn);
       const TensorArg& x = is_C ? C : B;
       const int64_t t = t0 + tt;
       v[r] = 0.f;
@@ -158,7 +165,8 @@ __device__ void stage_states(const StateStage& st, float* smem, const TensorArg&
       if (at[r] >= 0) smem[at[r]] = v[r];
   }
   for (int j = threadIdx.x; j < st.rows * st.M * count; j += blockDim.x) {
-    const int nn = j % count, row_m = j / count, m = row_m % st.M, row = row_m / st.M;
+    int nn, m;
+    const int row = by_M.divide(by_count.divide(j, nn), m);
     const int64_t e = e_first + row;
     smem[st.A_at(row, m, nn)] = e < dim ? load_param(A, m, e, n0 + nn) : 0.f;
   }
