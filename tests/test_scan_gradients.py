@@ -92,27 +92,30 @@ def test_gradient_through_final_state_only(device):
         assert_rel_close(leaves[name].grad, expected, GRAD_TOL[torch.float32], "d" + name)
 
 
-def test_cpu_backward_with_two_threads_is_reproducible_and_correct():
-    """With several threads the CPU backward cuts its tasks (batch index, 16 channels) into
-    one contiguous part per thread and adds the parts' sums over channels in part order.
-    With two threads this shape (3 batch indices of 5 channel blocks: 15 tasks, cut after
-    the 7th) splits batch index 1 between the parts, whose dB and dC go through the second
-    part's private sums: every gradient matches the reference and is bitwise the same in a
-    second run."""
+def test_cpu_backward_is_the_same_for_any_number_of_threads_and_correct():
+    """The CPU backward cuts its tasks (batch index, 16 channels) into contiguous parts whose
+    number the shape alone decides, and adds the parts' sums over channels in part order.
+    This shape (3 batch indices of 5 channel blocks, L = 128: 15 tasks in 8 parts) gives
+    parts that start inside a batch index, whose dB and dC go through the part's private
+    sums: with two threads every gradient matches the reference, and one thread, two
+    threads and a second two-thread run give bitwise the same gradients."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    inputs = make_scan_inputs(3, 3, 80, 128, 16, dtype=torch.float32, seed=5)
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(3, 3, 80, 128, generator=g)
+    dfinal = torch.randn(3, 80, 16, generator=g)
+    runs = []
     try:
-        inputs = make_scan_inputs(3, 3, 80, 64, 16, dtype=torch.float32, seed=5)
+        torch.set_num_threads(2)
         check_gradients(inputs)
-        g = torch.Generator().manual_seed(1)
-        dy = torch.randn(3, 3, 80, 64, generator=g)
-        dfinal = torch.randn(3, 80, 16, generator=g)
-        first = scan_with_grads(coupled_selective_scan, inputs, dy, dfinal)
-        second = scan_with_grads(coupled_selective_scan, inputs, dy, dfinal)
+        for n in (2, 1, 2):
+            torch.set_num_threads(n)
+            runs.append(scan_with_grads(coupled_selective_scan, inputs, dy, dfinal))
     finally:
         torch.set_num_threads(threads)
-    for key in first:
-        assert torch.equal(first[key], second[key]), key
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), f"{key}: 2 threads vs 1"
+        assert torch.equal(runs[0][key], runs[2][key]), f"{key}: 2 threads, run to run"
 
 
 # ------------------------------------------------------------------------------ gradcheck

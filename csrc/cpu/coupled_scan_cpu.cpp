@@ -546,6 +546,12 @@ inline void add_planes(int64_t M, int64_t N, int64_t T, const acc_t* src,
             src[m * src_stride[0] + n * src_stride[1] + t * src_stride[2]];
 }
 
+// Parts the backward's tasks are cut into, at most: enough for the threads of most machines
+// to balance their load (a part is also at least parallel_grain's work), few enough that
+// the parts' own sums (below) stay small; fixed, so that the sums' order does not depend on
+// the number of threads.
+constexpr int64_t kMaxBackwardParts = 16;
+
 // What one part of the backward's tasks sums over channels that other parts' tasks sum too,
 // kept apart and added to the outputs in part order after all parts are done.
 template <typename acc_t>
@@ -574,21 +580,22 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
   auto* dw_out = static_cast<acc_t*>(p.dcoupling);
   auto* dinit_out = static_cast<acc_t*>(p.dinitial_state);
 
-  // The tasks, batch index major, are cut into n_parts contiguous ranges, one per thread
-  // (the forward's hand-out of single tasks would make the order in which tasks add into
-  // dB, dC, dA, ... depend on timing). Every sum over channels is then taken in a fixed
-  // order: within a part in task order, across parts in part order. The gradients are the
-  // same from run to run for a given number of threads (torch.get_num_threads()); another
-  // number of threads cuts the parts elsewhere and rounds differently.
+  // The tasks, batch index major, are cut into n_parts contiguous ranges, a number fixed by
+  // the shape alone; the threads take the parts one at a time from a counter, so a thread
+  // that loses its core to another job takes fewer (the forward's hand-out of single tasks
+  // would make the order in which tasks add into dB, dC, dA, ... depend on timing). Every
+  // sum over channels is taken in a fixed order: within a part in task order, across parts
+  // in part order. So the gradients are the same from run to run and for any number of
+  // threads.
   const int64_t n_tasks = s.batch * blocks_per_batch;
-  const int64_t n_parts = std::max<int64_t>(
-      1, std::min<int64_t>(at::get_num_threads(),
-                           (n_tasks + parallel_grain(s) - 1) / parallel_grain(s)));
+  const int64_t n_parts = std::clamp<int64_t>(
+      (n_tasks + parallel_grain(s) - 1) / parallel_grain(s), 1, kMaxBackwardParts);
   std::vector<PartSums<acc_t>> part_sums(n_parts);
   // Strides over (m, n, t) of dB, dC (M, batch, N, L) and of a part's dB_first, dC_first.
   const std::array<int64_t, 3> out_stride = {p.dBC_stride[0], p.dBC_stride[2], p.dBC_stride[3]};
   const std::array<int64_t, 3> first_stride = {N * L, L, 1};
-  at::parallel_for(0, n_parts, 1, [&](int64_t part_begin, int64_t part_end) {
+  std::atomic<int64_t> next_part{0};
+  at::parallel_for(0, n_parts, 1, [&](int64_t, int64_t) {
     const cpu::FlushDenormals flush_denormals;
     TaskScratch<acc_t> in(p);
     // history[0]'s padded states stay 0 (only the first N are written from the saved states).
@@ -596,7 +603,7 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
     std::vector<acc_t> dyhat(M * K), d_step(M * K), d_u(M * K), z(K), y_ungated(K), dz(K);
     std::vector<acc_t> lambda(kRowsPerTask * Np), dA(kRowsPerTask * M * Np),
         dD(kRowsPerTask * M), dbias(kRowsPerTask * M), dB_tile(M * K * Np), dC_tile(M * K * Np);
-    for (int64_t part = part_begin; part < part_end; ++part) {
+    for (int64_t part; (part = next_part.fetch_add(1, std::memory_order_relaxed)) < n_parts;) {
       PartSums<acc_t>& sums = part_sums[part];
       sums.dA.assign(M * s.dim * N, acc_t(0));
       sums.dD.assign(M * s.dim, acc_t(0));
