@@ -1,9 +1,9 @@
 // Quotient and remainder by a small divisor known only at run time, without an integer
 // division. A GPU has no integer divide instruction: nvcc expands each `/` or `%` by a
-// runtime value into some 20 instructions, and the CUDA kernels' shared-memory staging
-// split every staged element's index that way. Here one float multiply by the divisor's
-// reciprocal (computed once) gives the quotient to within one, and one multiply-subtract
-// and compare correct it.
+// runtime value into some 20 instructions, too many per element for the CUDA kernels'
+// shared-memory staging and backward's dB/dC flush, which split every element's index.
+// Here one float multiply by the divisor's reciprocal (computed once) gives the quotient
+// to within one, and one multiply-subtract and compare correct it.
 #pragma once
 
 #include "coupled_mamba/macros.h"

@@ -1,8 +1,9 @@
-// SmallDivisor (include/coupled_mamba/small_divisor.h, used by the CUDA kernels' staging)
-// against the integer division, on the host: every n < 2^20 for every divisor up to 512
-// (the kernels divide indices below 2^20 by at most kMaxDState = 256), then random n and d
-// up to 2^24 and the range's edges. Prints the number of cases; exit status 1 on the first
+// SmallDivisor (include/coupled_mamba/small_divisor.h, used by the CUDA kernels' index
+// splits) against the integer division, on the host: every n < 2^20 for every divisor up
+// to 512 (the kernels divide indices below 2^20 by at most kMaxDState = 256), then random
+// n and d below 2^24 and the edges of that range. Prints the number of cases; exit status 1 on the first
 // wrong quotient or remainder.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <random>
@@ -41,8 +42,7 @@ int main() {
     if (!check(any(rng), 1 + any(rng) % ((1 << 24) - 1))) return 1;
   const int top = (1 << 24) - 1;
   for (int d : {1, 2, 3, 255, 256, 257, 4095, 65537, top - 1, top})
-    for (int n : {0, 1, d - 1, d, d + 1, top - 1, top}) {
-      if (n < 0) continue;
+    for (int n : {0, 1, d - 1, d, std::min(d + 1, top), top - 1, top}) {
       ++cases;
       if (!check(n, d)) return 1;
     }
