@@ -38,7 +38,9 @@ reference slows far more than the operator (seen here: 1 s becoming 50 s). Compa
 taken at a low load, or with --threads 1.
 
 --json PATH writes every number. The summary table is printed last. --no-reference times
-the operator alone (CUDA; for comparing builds of the kernels quickly).
+the operator alone (CUDA; for comparing builds of the kernels quickly). On CUDA each case
+also times the operator with the earlier "time lanes" kernels (COUPLED_MAMBA_CUDA_KERNELS,
+docs/kernels.md) in the same run: the "time-lanes ms" column and its ratio to the default.
 """
 import argparse
 import json
@@ -347,6 +349,20 @@ def mamba_ssm_times(shape, dtype):
         return {"error": str(e).splitlines()[0]}
 
 
+def with_kernels(mapping, fn):
+    """fn() with the CUDA kernels of one thread mapping (COUPLED_MAMBA_CUDA_KERNELS, read by
+    the extension at every call)."""
+    before = os.environ.get("COUPLED_MAMBA_CUDA_KERNELS")
+    os.environ["COUPLED_MAMBA_CUDA_KERNELS"] = mapping
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ["COUPLED_MAMBA_CUDA_KERNELS"]
+        else:
+            os.environ["COUPLED_MAMBA_CUDA_KERNELS"] = before
+
+
 def run_cuda(args, report):
     dtype_names = [args.dtype] if args.dtype else ["bfloat16", "float32"]
     props = torch.cuda.get_device_properties(0)
@@ -371,6 +387,9 @@ def run_cuda(args, report):
                 call = make_call("op", mode, shape, dtype, "cuda")
                 row["op_s"] = time_cuda(call, warmup=3, repeats=20)
                 row["op_peak_extra_bytes"] = cuda_peak_extra(call)
+                # The same call with the earlier, time-lanes kernels (docs/kernels.md).
+                row["time_lanes_s"] = with_kernels(
+                    "time_lanes", lambda: time_cuda(call, warmup=3, repeats=20))
                 if mode == "fwdbwd" and not args.no_reference:
                     threshold = batch * dim * N * L * 2  # elements, at 2 bytes each at least
                     largest = largest_allocation(call)
@@ -398,7 +417,8 @@ def run_cuda(args, report):
                     torch.cuda.empty_cache()
                 report["cases"].append(row)
                 print(f"  ({label}) {shape_name(shape)} {dtype_name:8s} {mode:6s}: "
-                      f"op {row['op_s'] * 1e3:8.3f} ms = {row['op_s'] / row['floor_s']:.2f}x "
+                      f"op {row['op_s'] * 1e3:8.3f} ms (time lanes "
+                      f"{row['time_lanes_s'] * 1e3:.3f} ms) = {row['op_s'] / row['floor_s']:.2f}x "
                       f"traffic floor {row['floor_s'] * 1e3:.3f} ms (exp floor, fwd: "
                       f"{exp_floor * 1e3:.3f} ms); reference "
                       f"{row.get('ref_skipped') or _ms(row.get('ref_s'))} "
@@ -433,7 +453,7 @@ def print_table(report):
           f"{report['meta']['load_avg_start']} -> {report['meta']['load_avg_end']}")
     cuda = report["device"] == "cuda"
     head = f"{'shape':24s} {'dtype':8s} {'mode':6s} {'op ms':>10s} {'ref ms':>10s} {'speed-up':>9s}"
-    head += (f" {'op/floor':>8s} {'op peak':>12s}" if cuda
+    head += (f" {'op/floor':>8s} {'op peak':>12s} {'time-lanes ms':>13s} {'time/op':>7s}" if cuda
              else f" {'op extra':>12s} {'ref extra':>12s} {'load':>5s}")
     print(head)
     for row in report["cases"]:
@@ -441,7 +461,8 @@ def print_table(report):
                 f"{row['op_s'] * 1e3:10.3f} {_ms(row.get('ref_s')).replace(' ms', ''):>10s} "
                 f"{_fmt(row.get('speedup')):>9s}")
         if cuda:
-            line += f" {row['op_s'] / row['floor_s']:8.2f} {_mib(row['op_peak_extra_bytes']):>12s}"
+            line += (f" {row['op_s'] / row['floor_s']:8.2f} {_mib(row['op_peak_extra_bytes']):>12s}"
+                     f" {row['time_lanes_s'] * 1e3:13.3f} {row['time_lanes_s'] / row['op_s']:7.2f}")
         else:
             line += (f" {_mib(row['op_extra_bytes']):>12s} {_mib(row['ref_extra_bytes']):>12s}"
                      f" {row['load_avg_1min_before']:5.1f}")

@@ -2,7 +2,8 @@
 # One-shot GPU check on a bare machine with torch, nvcc and pytest but no network: build the
 # extension in place for the visible card, run the CUDA tests and a few CPU smoke tests, the
 # CUDA benchmark of the scan, an Nsight Compute profile of the kernels (when ncu is there),
-# the model benchmark, then times build variants of the backward kernel. About 8 minutes;
+# the model benchmark, then (when asked) times build variants of the time-lanes backward
+# kernel. About 7 minutes;
 # every stage runs under `timeout` inside one overall budget, so one hang cannot eat the
 # rest. A short summary table is printed last.
 #
@@ -10,7 +11,8 @@
 #
 # Environment: OUT (log folder), GPU_CHECK_BUDGET (seconds for everything, default 480),
 # GPU_CHECK_PYTEST_ARGS (default "-x -q -rs": stop at the first CUDA failure),
-# GPU_CHECK_BWD_VARIANTS (backward build variants to time, default "128:4"),
+# GPU_CHECK_BWD_VARIANTS (time-lanes backward build variants to time, e.g. "128:4"; default
+# none),
 # GPU_CHECK_SKIP_MODEL=1 (no model benchmark), GPU_CHECK_SKIP_NCU=1 (no profile).
 # At most 8 files are written to $OUT (the device tool returns no more).
 set -u
@@ -115,7 +117,7 @@ run_stage cpu-smoke 60 "$OUT/pytest_cpu.log" python3 -m pytest -q -m "not cuda" 
   "tests/test_scan_gradients.py::test_gradients_optional_arguments"
 
 # ---------------------------------------------------------------------------- benchmarks
-run_stage bench-scan 150 "$OUT/bench_scan.log" python3 bench/bench_scan.py --device cuda \
+run_stage bench-scan 200 "$OUT/bench_scan.log" python3 bench/bench_scan.py --device cuda \
   --json "$OUT/bench_scan.json"
 # Nsight Compute on one forward and one backward launch at case (a), bf16: where the time
 # goes (throughput against the peaks, occupancy, what warps stall on).
@@ -131,18 +133,20 @@ if [[ -z ${GPU_CHECK_SKIP_MODEL:-} ]]; then
 fi
 
 # ---------------------------------------------------------------------------- tuning
-# The backward kernel's block size and minimum blocks per multiprocessor are build-time
-# knobs (csrc/cuda/coupled_scan_bwd.cu). Each variant "THREADS:MIN_BLOCKS" is rebuilt and
-# timed alone (bf16, no reference); its table goes to the summary. Last, because the
-# in-place build is then the last variant's. GPU_CHECK_BWD_VARIANTS="" skips this.
+# The time-lanes backward kernel's block size and minimum blocks per multiprocessor are
+# build-time knobs (csrc/cuda/coupled_scan_bwd.cu). Each variant "THREADS:MIN_BLOCKS" is
+# rebuilt and timed alone (bf16, no reference; with COUPLED_MAMBA_CUDA_KERNELS=time_lanes);
+# its table goes to the summary. Last, because the in-place build is then the last
+# variant's. None by default: the state-lanes kernels are the default since 2026-11-28.
 VARIANT_TABLES=""
-VARIANTS=${GPU_CHECK_BWD_VARIANTS-128:4}
+VARIANTS=${GPU_CHECK_BWD_VARIANTS-}
 for variant in $VARIANTS; do
   threads=${variant%%:*} blocks=${variant##*:}
   touch csrc/cuda/coupled_scan_bwd.cu
   vlog="${TMPDIR:-/tmp}/bwd_variant_${threads}_${blocks}.log"
   if run_stage "bwd-${threads}x${blocks}" 150 "$vlog" env FORCE_CUDA=1 \
       NVCC_APPEND_FLAGS="-DCOUPLED_MAMBA_BWD_THREADS=$threads -DCOUPLED_MAMBA_BWD_MIN_BLOCKS=$blocks" \
+      COUPLED_MAMBA_CUDA_KERNELS=time_lanes \
       bash -c 'python3 setup.py build_ext --inplace >/dev/null && python3 bench/bench_scan.py --device cuda --dtype bfloat16 --no-reference'; then
     VARIANT_TABLES+=$'\n'"backward variant ${threads} threads, >= ${blocks} blocks/SM:"$'\n'
     VARIANT_TABLES+=$(sed -n '/^shape /,/^copy bandwidth/p' "$vlog")$'\n'

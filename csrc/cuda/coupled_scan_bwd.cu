@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kBwdThreads, COUPLED_MAMBA_BWD_MIN_BLOCKS)
   // Shared memory: the staged states (StateStage); the dB and dC sums of the staged states
   // over the block's rows, [2][M][group][tile]; with several tiles, λ carried from one
   // tile to the previous, [rows][N].
-  extern __shared__ float smem[];
+  CM_DYNAMIC_SMEM(float, smem);
   float* dBC_acc = smem + stage.floats();
   const int dBC_floats = 2 * M * stage.group * stage.tile;
   float* carry = dBC_acc + dBC_floats + rm.row * N;
@@ -273,15 +273,15 @@ cudaError_t launch_bwd(const ScanBwdParams& p, cudaStream_t stream) {
   // dB and dC: two accumulators per (modality, state, step) in shared memory.
   const LaunchPlan plan = plan_launch<Tiling>(p.shape, kBwdThreads, 2);
   if (plan.blocks == 0) return cudaSuccess;
-  coupled_scan_bwd_kernel<input_t, Tiling>
-      <<<plan.blocks, kBwdThreads, plan.smem_bytes, stream>>>(p, plan.S, plan.stage);
+  CM_LAUNCH(plan.blocks, kBwdThreads, plan.smem_bytes, stream,
+            coupled_scan_bwd_kernel<input_t, Tiling>)(p, plan.S, plan.stage);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t coupled_scan_bwd_cuda(const ScanBwdParams& params, InputDtype dtype,
-                                  cudaStream_t stream) {
+cudaError_t coupled_scan_bwd_time_lanes_cuda(const ScanBwdParams& params, InputDtype dtype,
+                                             cudaStream_t stream) {
   return COUPLED_MAMBA_DISPATCH_INPUT(dtype, [&] {
     return params.shape.n_modalities <= BwdSmallTiling::kMaxM
                ? launch_bwd<input_t, BwdSmallTiling>(params, stream)

@@ -8,10 +8,22 @@
 
 namespace coupled_mamba {
 
-cudaError_t coupled_scan_fwd_cuda(const ScanFwdParams& params, InputDtype dtype,
-                                  cudaStream_t stream);
+// Two thread mappings (docs/kernels.md): "state lanes" (the default: a row's states spread
+// over lanes, each lane walking time) and "time lanes" (a row's steps spread over lanes, one
+// shuffle scan over time per state). Both forwards write the same outputs, chunk states
+// included, so either pairs with either backward.
+cudaError_t coupled_scan_fwd_state_lanes_cuda(const ScanFwdParams& params, InputDtype dtype,
+                                              cudaStream_t stream);
+cudaError_t coupled_scan_fwd_time_lanes_cuda(const ScanFwdParams& params, InputDtype dtype,
+                                             cudaStream_t stream);
 
-cudaError_t coupled_scan_bwd_cuda(const ScanBwdParams& params, InputDtype dtype,
-                                  cudaStream_t stream);
+// The state-lanes backward covers up to 4 modalities and needs more shared memory than the
+// default 48 KB (about 100 KB at N = 64): where it does not fit (the shape, the current
+// device), the time-lanes backward runs.
+bool coupled_scan_bwd_state_lanes_fits(const ScanShape& shape);
+cudaError_t coupled_scan_bwd_state_lanes_cuda(const ScanBwdParams& params, InputDtype dtype,
+                                              cudaStream_t stream);
+cudaError_t coupled_scan_bwd_time_lanes_cuda(const ScanBwdParams& params, InputDtype dtype,
+                                             cudaStream_t stream);
 
 }  // namespace coupled_mamba

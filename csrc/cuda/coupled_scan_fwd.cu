@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kFwdThreads, 2)
   const int64_t tile = static_cast<int64_t>(S) * kItems, n_tiles = (L + tile - 1) / tile;
   // Shared memory: the staged states (StateStage), then, with several tiles, the state at
   // the end of one tile that starts the next, [rows][N].
-  extern __shared__ float smem[];
+  CM_DYNAMIC_SMEM(float, smem);
   float* carry = smem + stage.floats() + rm.row * N;
   const bool carried = n_tiles > 1;  // then S == 32: the segment is the whole warp
 
@@ -153,15 +153,15 @@ template <typename input_t, typename Tiling>
 cudaError_t launch_fwd(const ScanFwdParams& p, cudaStream_t stream) {
   const LaunchPlan plan = plan_launch<Tiling>(p.shape, kFwdThreads, 0);
   if (plan.blocks == 0) return cudaSuccess;
-  coupled_scan_fwd_kernel<input_t, Tiling>
-      <<<plan.blocks, kFwdThreads, plan.smem_bytes, stream>>>(p, plan.S, plan.stage);
+  CM_LAUNCH(plan.blocks, kFwdThreads, plan.smem_bytes, stream,
+            coupled_scan_fwd_kernel<input_t, Tiling>)(p, plan.S, plan.stage);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t coupled_scan_fwd_cuda(const ScanFwdParams& params, InputDtype dtype,
-                                  cudaStream_t stream) {
+cudaError_t coupled_scan_fwd_time_lanes_cuda(const ScanFwdParams& params, InputDtype dtype,
+                                             cudaStream_t stream) {
   return COUPLED_MAMBA_DISPATCH_INPUT(dtype, [&] {
     return params.shape.n_modalities <= SmallTiling::kMaxM
                ? launch_fwd<input_t, SmallTiling>(params, stream)

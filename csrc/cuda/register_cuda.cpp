@@ -4,6 +4,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "../coupled_scan.h"
 #include "coupled_scan_cuda.h"
 
@@ -24,11 +27,29 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
+// The kernels' thread mapping (coupled_scan_cuda.h): COUPLED_MAMBA_CUDA_KERNELS=state_lanes
+// (the default) or time_lanes. Read at every call, so that a test or a benchmark can run
+// both in one process; the lookup costs far less than a launch.
+bool use_state_lanes(const char* op) {
+  const char* choice = std::getenv("COUPLED_MAMBA_CUDA_KERNELS");
+  const std::string mapping = choice == nullptr || *choice == '\0' ? "state_lanes" : choice;
+  TORCH_CHECK(mapping == "state_lanes" || mapping == "time_lanes", op,
+              ": environment variable COUPLED_MAMBA_CUDA_KERNELS expected 'state_lanes' or ",
+              "'time_lanes', got '", mapping, "'");
+  return mapping == "state_lanes";
+}
+
 void launch_forward_cuda(const ScanFwdCall& call) {
   const c10::cuda::CUDAGuard guard(call.y.device());
-  check_launch(coupled_scan_fwd_cuda(call.params, input_dtype(call.y, "coupled_selective_scan"),
-                                     c10::cuda::getCurrentCUDAStream()),
-               "coupled_scan_fwd_cuda");
+  const char* op = "coupled_selective_scan";
+  const InputDtype dtype = input_dtype(call.y, op);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (use_state_lanes(op))
+    check_launch(coupled_scan_fwd_state_lanes_cuda(call.params, dtype, stream),
+                 "coupled_scan_fwd_state_lanes_cuda");
+  else
+    check_launch(coupled_scan_fwd_time_lanes_cuda(call.params, dtype, stream),
+                 "coupled_scan_fwd_time_lanes_cuda");
 }
 
 ScanFwdOutputs scan_cuda(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
@@ -66,9 +87,15 @@ ScanBwdOutputs scan_backward_cuda(const Tensor& dy, const OptTensor& dfinal_stat
       call.dinitial_state.zero_();
     return call.finish();
   }
-  check_launch(coupled_scan_bwd_cuda(call.params, input_dtype(u, "coupled_selective_scan backward"),
-                                     c10::cuda::getCurrentCUDAStream()),
-               "coupled_scan_bwd_cuda");
+  const char* op = "coupled_selective_scan backward";
+  const InputDtype dtype = input_dtype(u, op);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (use_state_lanes(op) && coupled_scan_bwd_state_lanes_fits(call.params.shape))
+    check_launch(coupled_scan_bwd_state_lanes_cuda(call.params, dtype, stream),
+                 "coupled_scan_bwd_state_lanes_cuda");
+  else
+    check_launch(coupled_scan_bwd_time_lanes_cuda(call.params, dtype, stream),
+                 "coupled_scan_bwd_time_lanes_cuda");
   return call.finish();
 }
 

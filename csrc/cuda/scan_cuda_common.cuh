@@ -23,6 +23,15 @@
 
 namespace coupled_mamba {
 
+// Two constructs go through macros so that the CPU emulator of tests/cuda_emulator, which
+// defines them first, can compile the kernels with a host compiler: the dynamic
+// shared-memory array and the launch (`CM_LAUNCH(grid, block, smem, stream, kernel)(args)`).
+#ifndef CM_LAUNCH
+#define CM_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#define CM_LAUNCH(grid, block, smem_bytes, stream, ...) \
+  __VA_ARGS__<<<grid, block, smem_bytes, stream>>>
+#endif
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFullMask = 0xffffffffu;
 // Dynamic shared memory a block uses at most: the default limit, so no opt-in is needed,
@@ -65,11 +74,16 @@ __device__ __forceinline__ float load_param(const TensorArg& a, int64_t i0, int6
                i2 * a.stride[2] + i3 * a.stride[3]);
 }
 
-// 2^x on the special-function unit (relative error about 2^-22).
+// 2^x on the special-function unit (relative error about 2^-22). Off the device (the CPU
+// emulator of tests/cuda_emulator) exp2f stands in.
 __device__ __forceinline__ float exp2_approx(float x) {
+#if defined(__CUDA_ARCH__)
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#else
+  return exp2f(x);
+#endif
 }
 
 // kItems consecutive elements of one input row, for the steps t_first, t_first+1, ...;

@@ -1,0 +1,405 @@
+// Backward CUDA kernel of the coupled selective scan (SPEC §1, "Backward"), "state lanes"
+// mapping (state_lanes.cuh): a row's states spread over R lanes, each lane walking time.
+//
+// The adjoint recurrence runs back in time, λ[t-1] = Σ_m μ_m·a_m with μ_m = dŷ_m·C_m + w_m·λ[t],
+// and every gradient at step t needs G[t-1]. Forward saved G only at chunk starts (every 64
+// steps), so each chunk, last to first, is done in two passes over segments of kSeg steps
+// (kSeg·kStates = 32 floats of history per lane, held in registers):
+//  1. from the chunk's saved state, run forward through the chunk and keep G at the start
+//     of every segment (checkpoints, in shared memory, each lane its own);
+//  2. for each segment, last to first: recompute G[t-1] of its steps from its checkpoint,
+//     then walk them back, forming μ and every per-element gradient (scan_math.h's
+//     modality_state_grad_factored) and λ[t-1].
+// So each exponential is computed about three times in backward (checkpoints, recompute,
+// gradients) and never stored; nothing of size (…, N, L) exists.
+//
+// Sums: over the row's states, (Σ_n A·μ·a·G, Σ_n μ·B) per (modality, step) with log2(R)
+// shuffles, from which the segment's epilogue forms dΔ, du, dδ (coalesced along t, as are
+// the dz written while staging). Over channels: dB and dC per (modality, step, state) in
+// shared memory with shared atomics over the block's rows, then one global atomic per
+// element and block; dA per lane over all steps, one atomic per element at the end; dD and
+// dΔ-bias per (modality, row) in shared memory, the coupling's gradient per lane, each one
+// atomic per block or warp at the end.
+#include "coupled_scan_cuda.h"
+#include "state_lanes.cuh"
+
+namespace coupled_mamba {
+namespace {
+
+constexpr float kLn2 = 0.6931471805599453f;
+// Up to 4 modalities (A, w and the dA sums in registers); with more, the time-lanes
+// backward runs (coupled_scan_bwd.cu). Instantiating this kernel for 16 modalities took
+// minutes to compile and spilled 3 KB per thread.
+constexpr int kBwdLaneMaxM = 4;
+
+// Block size per states-per-lane: with 8 states a lane's checkpoints take four times the
+// shared memory, so blocks are half the size. At most 128 registers a thread either way.
+template <int kStates>
+struct BwdLaneConfig {
+  static constexpr int kThreads = kStates == 4 ? 256 : 128;
+  static constexpr int kMinBlocks = kStates == 4 ? 2 : 4;
+  static constexpr int kSeg = 32 / kStates;  // steps per segment (and per staged tile)
+  static constexpr int kCheckpoints = kChunkLen / kSeg;
+};
+
+struct BwdLanePlan {
+  LaneGeometry g;   // g.T == kSeg
+  int st_stride;    // floats per step of the {Δ, Δu, dŷ, u} stage: 4·M·rows + 4
+  int sum_stride;   // floats per step of the row sums {Σ A·log2e·x, Σ μ·B}: 2·M·rows + 2
+  size_t smem_bytes;
+  // Offsets in floats of each part of shared memory.
+  int at_dBC, at_st, at_sums, at_checkpoints, at_dD;
+};
+
+template <int kStates>
+BwdLanePlan plan_bwd_lanes(const ScanShape& s) {
+  using Config = BwdLaneConfig<kStates>;
+  BwdLanePlan pl{};
+  const int M = static_cast<int>(s.n_modalities);
+  pl.g = lane_geometry(s, kStates, Config::kThreads, Config::kSeg);
+  pl.st_stride = 4 * M * pl.g.rows + 4;
+  pl.sum_stride = 2 * M * pl.g.rows + 2;
+  const int T = Config::kSeg;
+  pl.at_dBC = T * pl.g.bc_stride;
+  pl.at_st = pl.at_dBC + T * pl.g.bc_stride;
+  pl.at_sums = pl.at_st + T * pl.st_stride;
+  pl.at_checkpoints = pl.at_sums + T * pl.sum_stride;
+  pl.at_dD = pl.at_checkpoints + Config::kCheckpoints * kStates * Config::kThreads;
+  pl.smem_bytes = (pl.at_dD + 2 * M * pl.g.rows) * sizeof(float);
+  return pl;
+}
+
+// Fills the per-(modality, row, step) stage: {Δ, Δ·u, dŷ, u} at st[t·st_stride + 4·(m·rows
+// + row)]. With `grads`, dŷ = dy·silu(z) and dz is written here (else dŷ = 0: the
+// checkpoint pass needs only Δ and Δ·u). Rows past dim and steps past L stage zeros.
+template <typename input_t>
+__device__ void stage_bwd_steps(const BwdLanePlan& pl, float* stage, const ScanBwdParams& p,
+                                int M, int64_t b, int64_t e_first, int64_t t0, bool grads) {
+  constexpr int kBatch = 4;  // five loads each: 20 in flight per thread
+  const LaneGeometry& g = pl.g;
+  const ScanShape& s = p.shape;
+  const int total = M * g.rows * g.T;
+  for (int first = threadIdx.x; first < total; first += kBatch * blockDim.x) {
+    float raw[kBatch], u[kBatch], dy[kBatch], z[kBatch], y_hat[kBatch], bias[kBatch];
+    bool real[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int j = first + i * blockDim.x;
+      const int t = j & (g.T - 1), mr = j >> g.log2_T;
+      const int m = mr >> g.log2_rows;
+      const int64_t e = e_first + (mr & (g.rows - 1));
+      raw[i] = u[i] = dy[i] = z[i] = y_hat[i] = bias[i] = 0.f;
+      real[i] = j < total && e < s.dim && t0 + t < s.seqlen;
+      if (real[i]) {
+        raw[i] = load_input<input_t>(p.delta, m, b, e, t0 + t);
+        u[i] = load_input<input_t>(p.u, m, b, e, t0 + t);
+        if (p.delta_bias.present()) bias[i] = load_param(p.delta_bias, m, e);
+        if (grads) {
+          dy[i] = load_input<input_t>(p.dy, m, b, e, t0 + t);
+          if (p.z.present()) {
+            z[i] = load_input<input_t>(p.z, m, b, e, t0 + t);
+            y_hat[i] = load_input<input_t>(p.y_ungated, m, b, e, t0 + t);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int j = first + i * blockDim.x;
+      if (j >= total) continue;
+      const int t = j & (g.T - 1), mr = j >> g.log2_T;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (real[i]) {
+        v.x = step_size(raw[i], bias[i], p.delta_softplus);
+        v.y = v.x * u[i];
+        v.z = dy[i];
+        v.w = u[i];
+        if (grads && p.z.present()) {
+          const int m = mr >> g.log2_rows;
+          const int64_t e = e_first + (mr & (g.rows - 1));
+          float dz;
+          v.z = gate_backward(dy[i], y_hat[i], z[i], &dz);
+          static_cast<input_t*>(p.dz)[((m * s.batch + b) * s.dim + e) * s.seqlen + t0 + t] =
+              from_float<input_t>(dz);
+        }
+      }
+      *reinterpret_cast<float4*>(stage + t * pl.st_stride + 4 * mr) = v;
+    }
+  }
+}
+
+template <typename input_t, int kMaxM, int kStates>
+__global__ void __launch_bounds__(BwdLaneConfig<kStates>::kThreads,
+                                  BwdLaneConfig<kStates>::kMinBlocks)
+    coupled_scan_bwd_state_lanes_kernel(const ScanBwdParams p, const BwdLanePlan pl) {
+  using Config = BwdLaneConfig<kStates>;
+  constexpr int kSeg = Config::kSeg, kQuads = kStates / 4;
+  const LaneGeometry& g = pl.g;
+  const ScanShape s = p.shape;
+  const int M = static_cast<int>(s.n_modalities);
+  const int64_t N = s.dstate, L = s.seqlen;
+  const LanePlace at(g, s.dim);
+
+  CM_DYNAMIC_SMEM(float4, smem_f4);  // float4: the 16-byte loads need that alignment
+  float* smem = reinterpret_cast<float*>(smem_f4);
+  float* stage_BC = smem;               // [kSeg][bc_stride]: B, C
+  float* acc_dBC = smem + pl.at_dBC;    // [kSeg][bc_stride]: dB, dC summed over the rows
+  float* stage_st = smem + pl.at_st;    // [kSeg][st_stride]: {Δ, Δu, dŷ, u}
+  float* sums = smem + pl.at_sums;      // [kSeg][sum_stride]: row sums over states
+  float* checkpoints = smem + pl.at_checkpoints;  // [kCheckpoints][kStates][threads]
+  float* acc_dD = smem + pl.at_dD;      // [2][M·rows]: dD, dΔ-bias per (modality, row)
+  for (int j = threadIdx.x; j < kSeg * g.bc_stride; j += blockDim.x) acc_dBC[j] = 0.f;
+  for (int j = threadIdx.x; j < 2 * M * g.rows; j += blockDim.x) acc_dD[j] = 0.f;
+  const auto checkpoint = [&](int segment, int k) -> float& {
+    return checkpoints[(segment * kStates + k) * Config::kThreads + threadIdx.x];
+  };
+
+  float w[kMaxM];
+#pragma unroll
+  for (int m = 0; m < kMaxM; ++m) w[m] = m < M ? load_param(p.coupling, m) : 0.f;
+  DecayRates<kMaxM, kStates> A2;
+  A2.load(p.A, g, at, M, N);
+
+  // λ = dℓ/dG[t], from the final state's gradient.
+  float lambda[kStates];
+#pragma unroll
+  for (int k = 0; k < kStates; ++k) {
+    const int n = at.state(g, k);
+    lambda[k] = at.active && n < N && p.dfinal_state.present()
+                    ? load_param(p.dfinal_state, at.b, at.e, n) : 0.f;
+  }
+  float dA_sum[kMaxM][kStates] = {}, dw_sum[kMaxM] = {};
+
+  // G ↦ G after step t of the staged tile (t < kSeg).
+  const auto advance = [&](float (&G)[kStates], int t) {
+    const float* bc = stage_BC + t * g.bc_stride + 4 * at.r;
+    const float* st = stage_st + t * pl.st_stride + 4 * at.row;
+    float G_next[kStates] = {};
+#pragma unroll
+    for (int m = 0; m < kMaxM; ++m) {
+      if (m >= M) break;
+      const float4 v = *reinterpret_cast<const float4*>(st + 4 * m * g.rows);
+#pragma unroll
+      for (int q = 0; q < kQuads; ++q) {
+        float Bq[4];
+        load4(bc + 2 * m * g.Np + 4 * q * g.R, Bq);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int k = 4 * q + i;
+          const float a = exp2_approx(v.x * A2.get(p.A, g, at, m, k, N));
+          G_next[k] += w[m] * modality_state(a, G[k], v.y, Bq[i]);
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kStates; ++k) G[k] = G_next[k];
+  };
+
+  for (int64_t chunk = s.n_chunks - 1; chunk >= 0; --chunk) {
+    const int64_t c0 = chunk * kChunkLen;
+    const int segments = static_cast<int>((min(static_cast<int64_t>(kChunkLen), L - c0) + kSeg - 1) / kSeg);
+
+    // 1. The state at the start of every segment of the chunk.
+    float G[kStates];
+#pragma unroll
+    for (int k = 0; k < kStates; ++k) {
+      const int n = at.state(g, k);
+      G[k] = at.active && n < N ? load_param(p.chunk_states, at.b, at.e, chunk, n) : 0.f;
+    }
+    for (int segment = 0; segment < segments; ++segment) {
+#pragma unroll
+      for (int k = 0; k < kStates; ++k) checkpoint(segment, k) = G[k];
+      if (segment == segments - 1) break;
+      __syncthreads();  // the stages' previous contents are read
+      stage_bc<input_t>(g, stage_BC, p.B, p.C, M, at.b, N, c0 + segment * kSeg, L);
+      stage_bwd_steps<input_t>(pl, stage_st, p, M, at.b, at.e_first, c0 + segment * kSeg, false);
+      __syncthreads();
+#pragma unroll
+      for (int t = 0; t < kSeg; ++t) advance(G, t);  // a segment before the last is full
+    }
+
+    // 2. The segments, last first.
+    for (int segment = segments - 1; segment >= 0; --segment) {
+      const int64_t t0 = c0 + segment * kSeg;
+      const int steps = static_cast<int>(min(static_cast<int64_t>(kSeg), L - t0));
+      __syncthreads();  // the stages and sums of the segment before are read
+      stage_bc<input_t>(g, stage_BC, p.B, p.C, M, at.b, N, t0, L);
+      stage_bwd_steps<input_t>(pl, stage_st, p, M, at.b, at.e_first, t0, true);
+      __syncthreads();
+
+      // G[t-1] of the segment's steps.
+      float history[kSeg][kStates];
+#pragma unroll
+      for (int k = 0; k < kStates; ++k) G[k] = checkpoint(segment, k);
+#pragma unroll
+      for (int t = 0; t < kSeg; ++t) {
+        if (t >= steps) break;
+#pragma unroll
+        for (int k = 0; k < kStates; ++k) history[t][k] = G[k];
+        if (t + 1 < steps) advance(G, t);
+      }
+
+      // Back through the steps: λ holds dℓ/dG[t] on entry to step t.
+#pragma unroll
+      for (int t = kSeg - 1; t >= 0; --t) {
+        if (t >= steps) continue;
+        const float* bc = stage_BC + t * g.bc_stride + 4 * at.r;
+        const float* st = stage_st + t * pl.st_stride + 4 * at.row;
+        float* dB_at = acc_dBC + t * g.bc_stride + 4 * at.r;
+        float lambda_prev[kStates] = {};
+#pragma unroll
+        for (int m = 0; m < kMaxM; ++m) {
+          if (m >= M) break;
+          const float4 v = *reinterpret_cast<const float4*>(st + 4 * m * g.rows);
+          const float step = v.x, drive = v.y, dy_hat = v.z;
+          float sum_A_x = 0.f, sum_mu_B = 0.f;  // over this lane's states
+#pragma unroll
+          for (int q = 0; q < kQuads; ++q) {
+            float Bq[4], Cq[4];
+            load4(bc + 2 * m * g.Np + 4 * q * g.R, Bq);
+            load4(bc + (2 * m + 1) * g.Np + 4 * q * g.R, Cq);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int k = 4 * q + i;
+              const float A_log2 = A2.get(p.A, g, at, m, k, N);
+              const float a = exp2_approx(step * A_log2);
+              const float h = modality_state(a, history[t][k], drive, Bq[i]);
+              const float mu = dy_hat * Cq[i] + w[m] * lambda[k];  // dℓ/dh
+              const FactoredStateGrad<float> d =
+                  modality_state_grad_factored(mu, a, history[t][k], drive, Bq[i]);
+              atomicAdd(dB_at + 2 * m * g.Np + 4 * q * g.R + i, d.d_B);
+              atomicAdd(dB_at + (2 * m + 1) * g.Np + 4 * q * g.R + i, dy_hat * h);
+              sum_A_x += A_log2 * d.mu_decayed;
+              sum_mu_B += d.mu_B;
+              dA_sum[m][k] += step * d.mu_decayed;
+              lambda_prev[k] += d.d_coupled_prev;
+              dw_sum[m] += lambda[k] * h;
+            }
+          }
+          sum_A_x = row_sum(sum_A_x, g.R);
+          sum_mu_B = row_sum(sum_mu_B, g.R);
+          if (at.r == 0)
+            *reinterpret_cast<float2*>(sums + t * pl.sum_stride + 2 * (m * g.rows + at.row)) =
+                make_float2(sum_A_x, sum_mu_B);
+        }
+#pragma unroll
+        for (int k = 0; k < kStates; ++k) lambda[k] = lambda_prev[k];
+      }
+      __syncthreads();  // sums and dB, dC of the segment are complete
+
+      // dΔ = Σ A·μ·a·G + u·Σ μ·B, du = Δ·Σ μ·B + dŷ·D, dδ, per (modality, row), t in turn;
+      // dD and dΔ-bias summed per (modality, row), each pair always the same thread's.
+      for (int pair = threadIdx.x; pair < M * g.rows; pair += blockDim.x) {
+        const int m = pair >> g.log2_rows;
+        const int64_t e = at.e_first + (pair & (g.rows - 1));
+        if (e >= s.dim) continue;
+        const float D = p.D.present() ? load_param(p.D, m, e) : 0.f;
+        const float bias = p.delta_bias.present() ? load_param(p.delta_bias, m, e) : 0.f;
+        const int64_t out = ((m * s.batch + at.b) * s.dim + e) * L + t0;
+        float dD = 0.f, dbias = 0.f;
+        for (int t = 0; t < steps; ++t) {
+          const float4 v = *reinterpret_cast<const float4*>(stage_st + t * pl.st_stride + 4 * pair);
+          const float2 sum = *reinterpret_cast<const float2*>(sums + t * pl.sum_stride + 2 * pair);
+          const float d_step = kLn2 * sum.x + v.w * sum.y;
+          const float raw = load_input<input_t>(p.delta, m, at.b, e, t0 + t);
+          const float d_raw = step_size_grad(d_step, raw, bias, p.delta_softplus);
+          static_cast<input_t*>(p.ddelta)[out + t] = from_float<input_t>(d_raw);
+          static_cast<input_t*>(p.du)[out + t] = from_float<input_t>(v.x * sum.y + v.z * D);
+          dD += v.z * v.w;
+          dbias += d_raw;
+        }
+        acc_dD[pair] += dD;
+        acc_dD[M * g.rows + pair] += dbias;
+      }
+
+      // dB, dC of the segment, summed over the block's rows: one global atomic per element.
+      float* dB = static_cast<float*>(p.dB);
+      float* dC = static_cast<float*>(p.dC);
+      for (int j = threadIdx.x; j < 2 * M * g.Np * kSeg; j += blockDim.x) {
+        const int t = j & (kSeg - 1), rest = j >> g.log2_T;
+        const int n = rest & (g.Np - 1), mb = rest >> g.log2_Np;
+        float* acc = acc_dBC + t * g.bc_stride + mb * g.Np + n;
+        const float v = *acc;
+        *acc = 0.f;
+        if (v != 0.f && n < N && t < steps)
+          atomicAdd(((mb & 1) ? dC : dB) + (mb >> 1) * p.dBC_stride[0] +
+                        at.b * p.dBC_stride[1] + n * p.dBC_stride[2] + (t0 + t) * p.dBC_stride[3],
+                    v);
+      }
+    }
+  }
+
+  if (at.active) {
+    float* dinitial_state = static_cast<float*>(p.dinitial_state) + (at.b * s.dim + at.e) * N;
+#pragma unroll
+    for (int k = 0; k < kStates; ++k) {
+      const int n = at.state(g, k);
+      if (n < N) dinitial_state[n] = lambda[k];
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kMaxM; ++m) {
+    if (m >= M) break;
+    if (at.active)
+#pragma unroll
+      for (int k = 0; k < kStates; ++k) {
+        const int n = at.state(g, k);
+        if (n < N) atomicAdd(static_cast<float*>(p.dA) + (m * s.dim + at.e) * N + n, dA_sum[m][k]);
+      }
+    const float dw_warp = row_sum(dw_sum[m], 32);
+    if (threadIdx.x % 32 == 0) atomicAdd(static_cast<float*>(p.dcoupling) + m, dw_warp);
+  }
+  __syncthreads();  // acc_dD is complete
+  for (int pair = threadIdx.x; pair < M * g.rows; pair += blockDim.x) {
+    const int m = pair >> g.log2_rows;
+    const int64_t e = at.e_first + (pair & (g.rows - 1));
+    if (e >= s.dim) continue;
+    if (p.dD) atomicAdd(static_cast<float*>(p.dD) + m * s.dim + e, acc_dD[pair]);
+    if (p.ddelta_bias)
+      atomicAdd(static_cast<float*>(p.ddelta_bias) + m * s.dim + e, acc_dD[M * g.rows + pair]);
+  }
+}
+
+// 4 states per lane, 8 where a row needs them (N > 128).
+inline int bwd_states_per_lane(const ScanShape& s) { return s.dstate > 32 * 4 ? 8 : 4; }
+
+int max_dynamic_smem() {
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+    return kSmemBudgetBytes;
+  return bytes;
+}
+
+template <typename input_t, int kMaxM, int kStates>
+cudaError_t launch_bwd_lanes(const ScanBwdParams& p, cudaStream_t stream) {
+  const BwdLanePlan pl = plan_bwd_lanes<kStates>(p.shape);
+  if (pl.g.blocks == 0) return cudaSuccess;
+  const auto kernel = coupled_scan_bwd_state_lanes_kernel<input_t, kMaxM, kStates>;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(pl.smem_bytes));
+  if (err != cudaSuccess) return err;
+  CM_LAUNCH(pl.g.blocks, BwdLaneConfig<kStates>::kThreads, pl.smem_bytes, stream, kernel)(p, pl);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool coupled_scan_bwd_state_lanes_fits(const ScanShape& shape) {
+  if (shape.n_modalities > kBwdLaneMaxM) return false;
+  const size_t bytes = bwd_states_per_lane(shape) == 8 ? plan_bwd_lanes<8>(shape).smem_bytes
+                                                       : plan_bwd_lanes<4>(shape).smem_bytes;
+  return bytes <= static_cast<size_t>(max_dynamic_smem());
+}
+
+cudaError_t coupled_scan_bwd_state_lanes_cuda(const ScanBwdParams& params, InputDtype dtype,
+                                              cudaStream_t stream) {
+  if (params.shape.n_modalities > kBwdLaneMaxM) return cudaErrorInvalidValue;
+  const bool eight = bwd_states_per_lane(params.shape) == 8;
+  return COUPLED_MAMBA_DISPATCH_INPUT(dtype, [&] {
+    return eight ? launch_bwd_lanes<input_t, kBwdLaneMaxM, 8>(params, stream)
+                 : launch_bwd_lanes<input_t, kBwdLaneMaxM, 4>(params, stream);
+  });
+}
+
+}  // namespace coupled_mamba

@@ -1,0 +1,229 @@
+// Forward CUDA kernel of the coupled selective scan (SPEC §1), "state lanes" mapping
+// (state_lanes.cuh): a row's states spread over R lanes, each lane walking time step by step.
+// Per step and modality a lane does, for each of its states,
+//   a = exp(Δ·A),  h = a·G[t-1] + Δu·B,  ŷ += C·h,  G[t] += w·h
+// (the coupled state G[t] = Σ_m w_m·h_m is built as the modalities go), then ŷ is summed
+// over the row's lanes. The only dependency chain is each state's own recurrence, so a lane
+// has M·kStates independent elements per step to overlap. Against the "time lanes" mapping
+// (coupled_scan_fwd.cu: a shuffle scan over time per state) there is no scan, no composition
+// of step maps and no padding of the sequence to a whole tile.
+//
+// Per tile of T steps the block stages B and C (state_lanes.cuh) and, per row and step,
+// Δ = softplus(δ + β) and Δ·u, computed once there rather than once per lane. The row sums ŷ
+// go to shared memory and are gated and written, coalesced along t, at the end of the tile.
+// The coupled state is saved at every chunk start for backward, and at the end.
+#include "coupled_scan_cuda.h"
+#include "state_lanes.cuh"
+
+namespace coupled_mamba {
+namespace {
+
+constexpr int kFwdLaneThreads = 256;
+
+struct FwdLanePlan {
+  LaneGeometry g;
+  int dd_stride;  // floats per step of the (Δ, Δu) stage: 2·M·rows + 2
+  int y_stride;   // floats per step of the ŷ stage: M·rows, made odd
+  size_t smem_bytes;
+};
+
+// Fills the (Δ, Δ·u) stage: stage[t·dd_stride + 2·(m·rows + row) + {0, 1}]. Rows past dim
+// and steps past L read as (0, 0), which leaves a state unchanged (a = 1, b = 0).
+template <typename input_t>
+__device__ void stage_steps(const FwdLanePlan& pl, float* stage, const ScanFwdParams& p, int M,
+                            int64_t b, int64_t e_first, int64_t t0) {
+  const LaneGeometry& g = pl.g;
+  const int64_t dim = p.shape.dim, L = p.shape.seqlen;
+  const int total = M * g.rows * g.T;
+  for (int first = threadIdx.x; first < total; first += kStageBatch * blockDim.x) {
+    float raw[kStageBatch], u[kStageBatch], bias[kStageBatch];
+    int at[kStageBatch];
+    bool real[kStageBatch];
+#pragma unroll
+    for (int i = 0; i < kStageBatch; ++i) {
+      const int j = first + i * blockDim.x;
+      const int t = j & (g.T - 1), mr = j >> g.log2_T;
+      const int m = mr >> g.log2_rows;
+      const int64_t e = e_first + (mr & (g.rows - 1));
+      raw[i] = u[i] = bias[i] = 0.f;
+      at[i] = j < total ? t * pl.dd_stride + 2 * mr : -1;
+      real[i] = j < total && e < dim && t0 + t < L;
+      if (real[i]) {
+        raw[i] = load_input<input_t>(p.delta, m, b, e, t0 + t);
+        u[i] = load_input<input_t>(p.u, m, b, e, t0 + t);
+        if (p.delta_bias.present()) bias[i] = load_param(p.delta_bias, m, e);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kStageBatch; ++i) {
+      if (at[i] < 0) continue;
+      const float step = real[i] ? step_size(raw[i], bias[i], p.delta_softplus) : 0.f;
+      *reinterpret_cast<float2*>(stage + at[i]) = make_float2(step, step * u[i]);
+    }
+  }
+}
+
+template <typename input_t, int kMaxM, int kStates>
+__global__ void __launch_bounds__(kFwdLaneThreads, 2)
+    coupled_scan_fwd_state_lanes_kernel(const ScanFwdParams p, const FwdLanePlan pl) {
+  static_assert(kStates % 4 == 0, "a lane's states come in 16-byte groups of 4");
+  constexpr int kQuads = kStates / 4;
+  const LaneGeometry& g = pl.g;
+  const ScanShape s = p.shape;
+  const int M = static_cast<int>(s.n_modalities);
+  const int64_t N = s.dstate, L = s.seqlen;
+  const LanePlace at(g, s.dim);
+
+  // Shared memory: [T][bc_stride] B and C, [T][dd_stride] (Δ, Δu), [T][y_stride] ŷ sums.
+  CM_DYNAMIC_SMEM(float4, smem_f4);  // float4: the 16-byte loads need that alignment
+  float* stage_BC = reinterpret_cast<float*>(smem_f4);
+  float* stage_dd = stage_BC + g.T * g.bc_stride;
+  float* stage_y = stage_dd + g.T * pl.dd_stride;
+
+  float w[kMaxM];
+#pragma unroll
+  for (int m = 0; m < kMaxM; ++m) w[m] = m < M ? load_param(p.coupling, m) : 0.f;
+  DecayRates<kMaxM, kStates> A2;
+  A2.load(p.A, g, at, M, N);
+
+  const int64_t row_offset = at.b * s.dim + at.e;
+  float G[kStates];
+#pragma unroll
+  for (int k = 0; k < kStates; ++k) {
+    const int n = at.state(g, k);
+    G[k] = at.active && n < N && p.initial_state.present()
+               ? load_param(p.initial_state, at.b, at.e, n) : 0.f;
+  }
+  float* chunk_states = static_cast<float*>(p.chunk_states) + row_offset * s.n_chunks * N;
+
+  for (int64_t t0 = 0; t0 < L; t0 += g.T) {
+    const int steps = static_cast<int>(min(static_cast<int64_t>(g.T), L - t0));
+    __syncthreads();  // the previous tile's stages are read
+    stage_bc<input_t>(g, stage_BC, p.B, p.C, M, at.b, N, t0, L);
+    stage_steps<input_t>(pl, stage_dd, p, M, at.b, at.e_first, t0);
+    __syncthreads();
+
+    for (int t = 0; t < steps; ++t) {
+      const int64_t step = t0 + t;
+      if ((step & (kChunkLen - 1)) == 0 && at.active) {  // G[step - 1] starts a chunk
+        float* to = chunk_states + (step / kChunkLen) * N;
+#pragma unroll
+        for (int k = 0; k < kStates; ++k) {
+          const int n = at.state(g, k);
+          if (n < N) to[n] = G[k];
+        }
+      }
+      const float* bc = stage_BC + t * g.bc_stride + 4 * at.r;
+      const float* dd = stage_dd + t * pl.dd_stride + 2 * at.row;
+      float G_next[kStates];
+#pragma unroll
+      for (int k = 0; k < kStates; ++k) G_next[k] = 0.f;
+#pragma unroll
+      for (int m = 0; m < kMaxM; ++m) {
+        if (m >= M) break;
+        const float2 step_drive = *reinterpret_cast<const float2*>(dd + 2 * m * g.rows);
+        float y_part = 0.f;
+#pragma unroll
+        for (int q = 0; q < kQuads; ++q) {
+          float Bq[4], Cq[4];
+          load4(bc + 2 * m * g.Np + 4 * q * g.R, Bq);
+          load4(bc + (2 * m + 1) * g.Np + 4 * q * g.R, Cq);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int k = 4 * q + i;
+            const float a = exp2_approx(step_drive.x * A2.get(p.A, g, at, m, k, N));
+            const float h = modality_state(a, G[k], step_drive.y, Bq[i]);
+            y_part += Cq[i] * h;
+            G_next[k] += w[m] * h;
+          }
+        }
+        y_part = row_sum(y_part, g.R);
+        if (at.r == 0) stage_y[t * pl.y_stride + m * g.rows + at.row] = y_part;
+      }
+#pragma unroll
+      for (int k = 0; k < kStates; ++k) G[k] = G_next[k];
+    }
+    __syncthreads();  // the tile's ŷ sums are in stage_y
+
+    // y = (ŷ + D·u)·silu(z) for (m, row, t) of the tile, t fastest (coalesced).
+    const int total = M * g.rows * g.T;
+    for (int j = threadIdx.x; j < total; j += blockDim.x) {
+      const int t = j & (g.T - 1), mr = j >> g.log2_T;
+      const int m = mr >> g.log2_rows;
+      const int64_t e = at.e_first + (mr & (g.rows - 1)), step = t0 + t;
+      if (t >= steps || e >= s.dim) continue;
+      float y = stage_y[t * pl.y_stride + mr];
+      if (p.D.present()) y += load_param(p.D, m, e) * load_input<input_t>(p.u, m, at.b, e, step);
+      const int64_t out = ((m * s.batch + at.b) * s.dim + e) * L + step;
+      if (p.z.present()) {
+        const float z = load_input<input_t>(p.z, m, at.b, e, step);
+        static_cast<input_t*>(p.y_ungated)[out] = from_float<input_t>(y);
+        static_cast<input_t*>(p.y)[out] = from_float<input_t>(y * silu(z));
+      } else {
+        static_cast<input_t*>(p.y)[out] = from_float<input_t>(y);
+      }
+    }
+  }
+
+  if (at.active) {
+    float* final_state = static_cast<float*>(p.final_state) + row_offset * N;
+#pragma unroll
+    for (int k = 0; k < kStates; ++k) {
+      const int n = at.state(g, k);
+      if (n < N) final_state[n] = G[k];
+    }
+  }
+}
+
+// States per lane: 8 when a row needs them (N > 128) or when there are rows enough to fill
+// the card with 8 (about 2^20 threads: 4 waves of 2048 on 132 multiprocessors); else 4,
+// which doubles the lanes (and warps) of a short batch at the cost of one more shuffle
+// round per (modality, step).
+inline int fwd_states_per_lane(const ScanShape& s) {
+  if (s.dstate > 32 * 4) return 8;
+  const int64_t lanes_with_8 = s.batch * s.dim * ((s.dstate + 7) / 8);
+  return lanes_with_8 >= (int64_t{1} << 20) ? 8 : 4;
+}
+
+inline FwdLanePlan plan_fwd_lanes(const ScanShape& s, int k_states) {
+  FwdLanePlan pl{};
+  const int M = static_cast<int>(s.n_modalities);
+  pl.g = lane_geometry(s, k_states, kFwdLaneThreads, 1);
+  pl.dd_stride = 2 * M * pl.g.rows + 2;
+  pl.y_stride = (M * pl.g.rows) | 1;
+  // The longest tile (at most a chunk) whose stages fit the default shared-memory budget;
+  // with M = 16 and N = 256 one step alone takes 34 KB, so T >= 1 always fits.
+  const int64_t per_step = (pl.g.bc_stride + pl.dd_stride + pl.y_stride) * sizeof(float);
+  int T = kChunkLen;
+  while (T > 1 && T * per_step > kSmemBudgetBytes) T /= 2;
+  pl.g.T = T;
+  pl.g.log2_T = log2_of(T);
+  pl.smem_bytes = T * per_step;
+  return pl;
+}
+
+template <typename input_t, int kMaxM, int kStates>
+cudaError_t launch_fwd_lanes(const ScanFwdParams& p, cudaStream_t stream) {
+  const FwdLanePlan pl = plan_fwd_lanes(p.shape, kStates);
+  if (pl.g.blocks == 0) return cudaSuccess;
+  CM_LAUNCH(pl.g.blocks, kFwdLaneThreads, pl.smem_bytes, stream,
+            coupled_scan_fwd_state_lanes_kernel<input_t, kMaxM, kStates>)(p, pl);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t coupled_scan_fwd_state_lanes_cuda(const ScanFwdParams& params, InputDtype dtype,
+                                              cudaStream_t stream) {
+  const bool few_modalities = params.shape.n_modalities <= 4;
+  const bool eight = fwd_states_per_lane(params.shape) == 8;
+  return COUPLED_MAMBA_DISPATCH_INPUT(dtype, [&] {
+    if (few_modalities)
+      return eight ? launch_fwd_lanes<input_t, 4, 8>(params, stream)
+                   : launch_fwd_lanes<input_t, 4, 4>(params, stream);
+    return eight ? launch_fwd_lanes<input_t, kMaxModalities, 8>(params, stream)
+                 : launch_fwd_lanes<input_t, kMaxModalities, 4>(params, stream);
+  });
+}
+
+}  // namespace coupled_mamba

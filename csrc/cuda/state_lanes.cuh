@@ -1,0 +1,165 @@
+// The "state lanes" thread mapping shared by coupled_scan_fwd_state_lanes.cu and
+// coupled_scan_bwd_state_lanes.cu (docs/kernels.md).
+//
+// One channel (b, e), a *row*, is owned by R consecutive lanes of a warp (R a power of two,
+// at most 32); each lane holds kStates of the row's states in registers and walks time step
+// by step. The states are independent recurrences (the coupling sums over modalities, not
+// states), so no step waits on another lane; only sums over states (ŷ forward, dΔ and du
+// backward) cross lanes, with log2(R) shuffles per (modality, step).
+//
+// Lane r of a row holds the states n = 4·(q·R + r) + i, q < kStates/4, i < 4: for each q the
+// row's lanes read consecutive 16-byte pieces of a staged step (conflict-free shared loads).
+// States from N up to Np = R·kStates are padding with A = B = C = 0 and stay 0.
+//
+// All rows of a block share the batch index b, so B[m, b, :, t] and C[m, b, :, t] are staged
+// once per block and tile of T steps, coalesced along t, in shared memory laid out
+// [t][m][B|C][n] (bc_stride floats per step).
+#pragma once
+#include "scan_cuda_common.cuh"
+
+namespace coupled_mamba {
+
+static_assert((kChunkLen & (kChunkLen - 1)) == 0, "chunk starts are found with a mask");
+
+CM_HOST_DEVICE int log2_of(int power_of_two) {
+  int k = 0;
+  while ((1 << k) < power_of_two) ++k;
+  return k;
+}
+
+// Where rows, states and steps go; chosen on the host and passed to the kernel.
+struct LaneGeometry {
+  int threads;      // per block
+  int R, log2_R;    // lanes per row
+  int rows, log2_rows;  // rows per block, threads / R
+  int Np, log2_Np;  // states covered by a row's lanes, R·kStates >= N
+  int T, log2_T;    // steps per staged tile, a power of two
+  int bc_stride;    // floats per step of the B/C stage: 2·M·Np, + 4 against bank conflicts
+  int64_t blocks_per_batch;
+  int64_t blocks;   // 0 when there is nothing to launch
+};
+
+inline LaneGeometry lane_geometry(const ScanShape& s, int k_states, int threads, int T) {
+  LaneGeometry g{};
+  g.threads = threads;
+  g.R = 1;
+  while (g.R < 32 && static_cast<int64_t>(g.R) * k_states < s.dstate) g.R *= 2;
+  g.log2_R = log2_of(g.R);
+  g.rows = threads / g.R;
+  g.log2_rows = log2_of(g.rows);
+  g.Np = g.R * k_states;
+  g.log2_Np = log2_of(g.Np);
+  g.T = T;
+  g.log2_T = log2_of(T);
+  g.bc_stride = 2 * static_cast<int>(s.n_modalities) * g.Np + 4;
+  g.blocks_per_batch = (s.dim + g.rows - 1) / g.rows;
+  g.blocks = s.seqlen == 0 ? 0 : s.batch * g.blocks_per_batch;
+  return g;
+}
+
+// This thread's row and lane.
+struct LanePlace {
+  int r;        // lane within the row
+  int row;      // row within the block
+  int64_t b, e_first, e;
+  bool active;  // e < dim (the last block of a batch index may run past dim)
+
+  __device__ LanePlace(const LaneGeometry& g, int64_t dim) {
+    r = threadIdx.x & (g.R - 1);
+    row = threadIdx.x >> g.log2_R;
+    b = blockIdx.x / g.blocks_per_batch;
+    e_first = (blockIdx.x % g.blocks_per_batch) * g.rows;
+    e = e_first + row;
+    active = e < dim;
+  }
+  // n of the lane's k-th state.
+  __device__ int state(const LaneGeometry& g, int k) const {
+    return 4 * ((k / 4) * g.R + r) + k % 4;
+  }
+};
+
+// A·log2(e) for the lane's states: in registers for up to 4 modalities; with more, read
+// from global memory (L1) where used, since 16·kStates registers would spill.
+template <int kMaxM, int kStates>
+struct DecayRates {
+  static constexpr bool kInRegisters = kMaxM <= 4;
+  float v[kInRegisters ? kMaxM : 1][kStates];
+
+  __device__ void load(const TensorArg& A, const LaneGeometry& g, const LanePlace& at, int M,
+                       int64_t N) {
+    if constexpr (kInRegisters) {
+#pragma unroll
+      for (int m = 0; m < kMaxM; ++m)
+#pragma unroll
+        for (int k = 0; k < kStates; ++k) {
+          const int n = at.state(g, k);
+          v[m][k] = at.active && m < M && n < N ? load_param(A, m, at.e, n) * kLog2e : 0.f;
+        }
+    }
+  }
+  __device__ float get(const TensorArg& A, const LaneGeometry& g, const LanePlace& at, int m,
+                       int k, int64_t N) const {
+    if constexpr (kInRegisters) {
+      return v[m][k];
+    } else {
+      const int n = at.state(g, k);
+      return at.active && n < N ? load_param(A, m, at.e, n) * kLog2e : 0.f;
+    }
+  }
+};
+
+// Sum over the R lanes of a row; every lane of the row gets it. All lanes of the warp call it.
+__device__ __forceinline__ float row_sum(float v, int R) {
+  for (int offset = R >> 1; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+// Fills the B/C stage of the tile starting at t0: stage[t·bc_stride + (2m + is_C)·Np + n].
+// Steps past L and states past N read as 0. The flat index runs fastest along t (coalesced
+// global reads); each thread issues kStageBatch loads before it stores any, so that their
+// latencies overlap.
+template <typename input_t>
+__device__ void stage_bc(const LaneGeometry& g, float* stage, const TensorArg& B,
+                         const TensorArg& C, int M, int64_t b, int64_t N, int64_t t0,
+                         int64_t L) {
+  const int total = 2 * M * g.Np * g.T;
+  for (int first = threadIdx.x; first < total; first += kStageBatch * blockDim.x) {
+    float v[kStageBatch];
+    int at[kStageBatch];
+#pragma unroll
+    for (int i = 0; i < kStageBatch; ++i) {
+      const int j = first + i * blockDim.x;
+      const int t = j & (g.T - 1), rest = j >> g.log2_T;
+      const int n = rest & (g.Np - 1), mb = rest >> g.log2_Np;  // mb = 2m + is_C
+      const int m = mb >> 1;
+      const TensorArg& x = (mb & 1) ? C : B;
+      v[i] = 0.f;
+      at[i] = -1;
+      if (j < total) {
+        at[i] = t * g.bc_stride + mb * g.Np + n;
+        if (n < N && t0 + t < L)
+          v[i] = to_float(__ldg(static_cast<const input_t*>(x.data) + m * x.stride[0] +
+                                b * x.stride[1] + n * x.stride[2] + (t0 + t) * x.stride[3]));
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kStageBatch; ++i)
+      if (at[i] >= 0) stage[at[i]] = v[i];
+  }
+}
+
+// One element of an input row: x[m, b, e, t] in float.
+template <typename input_t>
+__device__ __forceinline__ float load_input(const TensorArg& x, int m, int64_t b, int64_t e,
+                                            int64_t t) {
+  return to_float(__ldg(static_cast<const input_t*>(x.data) + m * x.stride[0] +
+                        b * x.stride[1] + e * x.stride[2] + t * x.stride[3]));
+}
+
+// The four 16-byte-aligned floats at `at` in shared memory, as an array.
+__device__ __forceinline__ void load4(const float* at, float (&out)[4]) {
+  const float4 v = *reinterpret_cast<const float4*>(at);
+  out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+}
+
+}  // namespace coupled_mamba

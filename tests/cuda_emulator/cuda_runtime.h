@@ -1,0 +1,169 @@
+// A CPU stand-in for the CUDA runtime, enough to compile this project's kernels (csrc/cuda/*.cu)
+// with a host C++ compiler and run them: every thread of a block is an OS thread, blocks run
+// one after another. __syncthreads and the warp shuffles are barriers over those threads.
+// It checks the kernels' logic (indexing, staging, barriers, shuffles, what gets written)
+// on machines without a GPU; it says nothing about speed, and it is only as faithful as the
+// semantics written here (float arithmetic on the host, ex2.approx as exp2f).
+//
+// Used by tests/test_cuda_emulated.py through emulate_scan.cpp; not part of the package.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__
+
+struct uint3 { unsigned x = 0, y = 0, z = 0; };
+struct float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+using cudaError_t = int;
+using cudaStream_t = void*;
+constexpr cudaError_t cudaSuccess = 0;
+constexpr cudaError_t cudaErrorInvalidValue = 1;
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+// The emulated device: shared memory per block as on an H100 / H200 (227 KB with opt-in).
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+inline cudaError_t cudaGetDevice(int* device) { *device = 0; return cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = 227 * 1024;
+  return cudaSuccess;
+}
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t e) { return e ? "invalid value" : "no error"; }
+
+using std::max;
+using std::min;
+
+namespace cuda_emu {
+
+constexpr int kWarp = 32;
+
+struct Warp {
+  explicit Warp(int lanes) : barrier(lanes) {}
+  std::barrier<> barrier;
+  uint64_t slots[kWarp] = {};
+};
+
+struct Block {
+  Block(int threads, size_t smem_bytes) : barrier(threads) {
+    for (int w = 0; w < (threads + kWarp - 1) / kWarp; ++w)
+      warps.push_back(std::make_unique<Warp>(std::min(kWarp, threads - w * kWarp)));
+    // Dynamic shared memory starts as NaN: a kernel reading what it did not stage gets NaN
+    // into its outputs. Sized exactly, so that AddressSanitizer sees any overrun.
+    const size_t words = (smem_bytes + 3) / 4;
+    smem.reset(new float[words == 0 ? 1 : words]);
+    for (size_t i = 0; i < words; ++i) smem[i] = std::nanf("");
+  }
+  std::barrier<> barrier;
+  std::vector<std::unique_ptr<Warp>> warps;
+  std::unique_ptr<float[]> smem;
+};
+
+inline thread_local Block* current_block = nullptr;
+
+template <typename T>
+T* dynamic_smem() {
+  return reinterpret_cast<T*>(current_block->smem.get());
+}
+
+}  // namespace cuda_emu
+
+inline thread_local uint3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace cuda_emu {
+inline Warp& my_warp() { return *current_block->warps[threadIdx.x / kWarp]; }
+
+// Every lane writes its value, waits for the warp, reads its source lane's, waits again (so
+// that no lane overwrites a slot another has not read yet).
+template <typename T>
+T exchange(T v, int src_lane) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "shuffles move at most 8 bytes");
+  Warp& w = my_warp();
+  const int lane = threadIdx.x % kWarp;
+  std::memcpy(&w.slots[lane], &v, sizeof(T));
+  w.barrier.arrive_and_wait();
+  T out;
+  std::memcpy(&out, &w.slots[src_lane], sizeof(T));
+  w.barrier.arrive_and_wait();
+  return out;
+}
+}  // namespace cuda_emu
+
+inline void __syncthreads() { cuda_emu::current_block->barrier.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { cuda_emu::my_warp().barrier.arrive_and_wait(); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
+  const int lane = threadIdx.x % cuda_emu::kWarp;
+  const int src = lane ^ lane_mask;
+  return cuda_emu::exchange(v, (src / width == lane / width) ? src : lane);
+}
+template <typename T>
+T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+  const int lane = threadIdx.x % cuda_emu::kWarp;
+  const int src = (lane % width) >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane;
+  return cuda_emu::exchange(v, src);
+}
+template <typename T>
+T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+  const int lane = threadIdx.x % cuda_emu::kWarp;
+  const int src = (lane % width) + static_cast<int>(delta) < width ? lane + static_cast<int>(delta) : lane;
+  return cuda_emu::exchange(v, src);
+}
+
+template <typename T>
+T __ldg(const T* p) { return *p; }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+
+namespace cuda_emu {
+// Runs `kernel(args...)` on every thread of every block of the grid, blocks in turn.
+struct Launch {
+  int64_t grid;
+  int threads;
+  size_t smem_bytes;
+  template <typename Kernel>
+  auto of(Kernel kernel) {
+    return [=, *this](auto... args) {
+      for (int64_t bx = 0; bx < grid; ++bx) {
+        Block block(threads, smem_bytes);
+        std::vector<std::thread> pool;
+        for (int tx = 0; tx < threads; ++tx)
+          pool.emplace_back([&, tx, bx] {
+            current_block = &block;
+            threadIdx = {static_cast<unsigned>(tx), 0, 0};
+            blockIdx = {static_cast<unsigned>(bx), 0, 0};
+            blockDim = {static_cast<unsigned>(threads), 1, 1};
+            gridDim = {static_cast<unsigned>(grid), 1, 1};
+            kernel(args...);
+            // A finished thread no longer counts at the barriers of those still running.
+            block.warps[tx / kWarp]->barrier.arrive_and_drop();
+            block.barrier.arrive_and_drop();
+          });
+        for (auto& t : pool) t.join();
+      }
+    };
+  }
+};
+}  // namespace cuda_emu
+
+#define CM_DYNAMIC_SMEM(type, name) type* name = ::cuda_emu::dynamic_smem<type>()
+#define CM_LAUNCH(grid, block, smem_bytes, stream, ...) \
+  ::cuda_emu::Launch{static_cast<int64_t>(grid), static_cast<int>(block), static_cast<size_t>(smem_bytes)}.of(__VA_ARGS__)

@@ -1,0 +1,191 @@
+"""The CUDA kernels' logic, run on the CPU: csrc/cuda/*.cu compiled with the host compiler
+against the emulator in tests/cuda_emulator (every thread an OS thread, barriers and warp
+shuffles emulated), outputs compared with the float64 reference. This checks indexing,
+staging, barriers, shuffles and that every output element is written, on every machine; it
+says nothing about speed, and the GPU tests (test_scan_cuda.py, marked ``cuda``) remain the
+word on the real device.
+
+The time-lanes forward and the backward ran on a GPU already (docs/benchmarks.md); passing
+here too is what makes the emulator believable for kernels that have not.
+"""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FWD_TOL, GRAD_TOL, assert_rel_close, make_scan_inputs, scan_with_grads, \
+    to_reference
+from coupled_mamba_ext.reference import coupled_scan_ref
+
+ROOT = Path(__file__).resolve().parents[1]
+CHUNK = 64
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler found (set CXX, or put c++ / g++ on PATH)")
+    binary = tmp_path_factory.mktemp("emulator") / "emulate_scan"
+    cuda = ROOT / "csrc" / "cuda"
+    command = [compiler, "-std=c++20", "-O1", "-pthread",
+               f"-I{ROOT / 'tests' / 'cuda_emulator'}", f"-I{ROOT / 'include'}",
+               "-x", "c++", str(cuda / "coupled_scan_fwd_state_lanes.cu"),
+               str(cuda / "coupled_scan_fwd.cu"), str(cuda / "coupled_scan_bwd.cu"),
+               str(cuda / "coupled_scan_bwd_state_lanes.cu"),
+               "-x", "none", str(ROOT / "tests" / "cuda_emulator" / "emulate_scan.cpp"),
+               "-o", str(binary)]
+    build = subprocess.run(command, capture_output=True, text=True)
+    if build.returncode != 0 and "c++20" in build.stderr:
+        pytest.skip(f"{compiler} has no C++20 (std::barrier): {build.stderr[-300:]}")
+    assert build.returncode == 0, build.stderr[-3000:]
+    return binary
+
+
+def run_emulated(binary, tmp_path, mode, mapping, inputs, dtype, flags, dy=None, dfinal=None):
+    """Writes the inputs, runs the emulated kernels, returns their outputs as float64 tensors."""
+    M, batch, dim, L = inputs["u"].shape
+    N = inputs["A"].shape[-1]
+    for name, x in list(inputs.items()) + [("dy", dy), ("dfinal_state", dfinal)]:
+        if isinstance(x, torch.Tensor):
+            x.detach().float().contiguous().numpy().tofile(tmp_path / f"{name}.f32")
+    if inputs["coupling"] is None:
+        torch.full((M,), 1.0 / M).numpy().astype(np.float32).tofile(tmp_path / "coupling.f32")
+    run = subprocess.run([str(binary), mode, mapping, DTYPE_NAMES[dtype], str(M), str(batch),
+                          str(dim), str(L), str(N), flags or "-", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    def out(name, *shape):
+        return torch.from_numpy(np.fromfile(tmp_path / f"{name}.f32", dtype=np.float32)
+                                ).reshape(shape).double()
+    result = {"log": run.stdout, "y": out("y", M, batch, dim, L), "final_state": out("final_state", batch, dim, N),
+              "chunk_states": out("chunk_states", batch, dim, -(-L // CHUNK), N)}
+    if mode == "bwd":
+        result.update(du=out("du", M, batch, dim, L), ddelta=out("ddelta", M, batch, dim, L),
+                      dA=out("dA", M, dim, N), dB=out("dB", M, batch, N, L),
+                      dC=out("dC", M, batch, N, L), dcoupling=out("dcoupling", M),
+                      dinitial_state=out("dinitial_state", batch, dim, N))
+        if "z" in flags:
+            result["dz"] = out("dz", M, batch, dim, L)
+        if "D" in flags:
+            result["dD"] = out("dD", M, dim)
+        if "b" in flags:
+            result["ddelta_bias"] = out("ddelta_bias", M, dim)
+    return result
+
+
+def flags_of(inputs, dfinal, time_major):
+    present = {"D": "D", "z": "z", "delta_bias": "b", "initial_state": "i"}
+    flags = "".join(letter for name, letter in present.items() if inputs[name] is not None)
+    flags += "s" if inputs["delta_softplus"] else ""
+    flags += "f" if dfinal is not None else ""
+    return flags + ("t" if time_major else "")
+
+
+def reference_chunk_states(ref_inputs, L):
+    """G at the start of every chunk of 64 steps: the final state of the prefix before it."""
+    batch, dim, N = ref_inputs["u"].shape[1], ref_inputs["u"].shape[2], ref_inputs["A"].shape[-1]
+    states = []
+    for start in range(0, L, CHUNK):
+        if start == 0:
+            init = ref_inputs["initial_state"]
+            states.append(init if init is not None else torch.zeros(batch, dim, N, dtype=torch.float64))
+            continue
+        prefix = {k: (v[..., :start] if k in ("u", "delta", "z", "B", "C") and v is not None else v)
+                  for k, v in ref_inputs.items()}
+        states.append(coupled_scan_ref(**prefix, return_final_state=True)[1])
+    return torch.stack(states, dim=2)
+
+
+# (M, batch, dim, L, N), optional arguments, B/C time-major. The state-lanes forward takes 4
+# states per lane here (8 only for N > 128 or about a million lanes): N = 16 → 4 lanes per
+# row, 64 → 16, 200 → 8 states on 32 lanes with 56 padding states; dim 40 and 70 leave
+# rows of the last block idle; L = 70 and 130 cross chunk and tile boundaries; M = 5 takes
+# the instantiation for many modalities (A read where used).
+FORWARD_CASES = [
+    pytest.param((3, 2, 40, 70, 16), {}, False, id="M3-N16-L70"),
+    pytest.param((2, 1, 70, 130, 64), {}, True, id="M2-N64-L130-timemajor"),
+    pytest.param((3, 1, 8, 33, 200), {}, False, id="M3-N200-L33"),
+    pytest.param((5, 1, 20, 66, 16), {}, False, id="M5-N16-L66"),
+    pytest.param((1, 2, 24, 9, 16), dict(D=False, z=False, delta_bias=False,
+                                          delta_softplus=False, coupling=False,
+                                          initial_state=False), False, id="M1-bare-L9"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,options,time_major", FORWARD_CASES)
+def test_emulated_state_lanes_forward_matches_reference(emulator, tmp_path, shape, options,
+                                                        time_major, dtype):
+    inputs = make_scan_inputs(*shape, dtype=dtype, seed=sum(shape), **options)
+    got = run_emulated(emulator, tmp_path, "fwd", "state_lanes", inputs, dtype,
+                       flags_of(inputs, None, time_major))
+    ref_inputs = to_reference(inputs)
+    y, final = coupled_scan_ref(**ref_inputs, return_final_state=True)
+    assert_rel_close(got["y"], y, FWD_TOL[dtype], "y")
+    assert_rel_close(got["final_state"], final, FWD_TOL[torch.float32], "final state")
+    assert_rel_close(got["chunk_states"], reference_chunk_states(ref_inputs, shape[3]),
+                     FWD_TOL[torch.float32], "chunk states")
+
+
+@pytest.mark.parametrize("shape,options,time_major", FORWARD_CASES[:3] + FORWARD_CASES[4:])
+def test_emulated_time_lanes_forward_matches_reference(emulator, tmp_path, shape, options,
+                                                       time_major):
+    """The forward that ran on a GPU: the emulator's check on itself."""
+    inputs = make_scan_inputs(*shape, seed=sum(shape), **options)
+    got = run_emulated(emulator, tmp_path, "fwd", "time_lanes", inputs, torch.float32,
+                       flags_of(inputs, None, time_major))
+    ref_inputs = to_reference(inputs)
+    y, final = coupled_scan_ref(**ref_inputs, return_final_state=True)
+    assert_rel_close(got["y"], y, FWD_TOL[torch.float32], "y")
+    assert_rel_close(got["final_state"], final, FWD_TOL[torch.float32], "final state")
+    assert_rel_close(got["chunk_states"], reference_chunk_states(ref_inputs, shape[3]),
+                     FWD_TOL[torch.float32], "chunk states")
+
+
+# The state-lanes backward: 4 states per lane (256 threads, segments of 8 steps) up to
+# N = 128, else 8 (128 threads, segments of 4); more than 4 modalities fall back to the
+# time-lanes backward. L = 70 and 130 cross chunks and end inside a segment; L = 9 is one
+# chunk of two segments.
+BACKWARD_CASES = [
+    pytest.param((3, 2, 40, 70, 16), {}, False, "state_lanes", id="M3-N16-L70"),
+    pytest.param((2, 1, 9, 130, 64), {}, True, "state_lanes", id="M2-N64-L130-timemajor"),
+    pytest.param((4, 1, 5, 37, 136), {}, False, "state_lanes", id="M4-N136-L37"),
+    pytest.param((1, 2, 24, 9, 16), dict(D=False, z=False, delta_bias=False,
+                                          delta_softplus=False, coupling=False,
+                                          initial_state=False), False, "state_lanes",
+                 id="M1-bare-L9"),
+    pytest.param((5, 1, 20, 66, 16), {}, False, "time_lanes", id="M5-N16-L66-fallback"),
+]
+
+
+@pytest.mark.parametrize("mapping", ["state_lanes", "time_lanes"])
+@pytest.mark.parametrize("shape,options,time_major,state_lanes_backward", BACKWARD_CASES)
+def test_emulated_backward_matches_reference(emulator, tmp_path, shape, options, time_major,
+                                             state_lanes_backward, mapping):
+    """Every gradient of the backward kernel of either mapping, from the chunk states and ŷ
+    of the forward of the same mapping, against float64 autograd through the reference
+    loop; and the backward that ran is the one expected."""
+    inputs = make_scan_inputs(*shape, seed=sum(shape) + 1, **options)
+    M, batch, dim, L, N = shape
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(M, batch, dim, L, generator=g, dtype=torch.float64).float()
+    dfinal = torch.randn(batch, dim, N, generator=g, dtype=torch.float64).float()
+    got = run_emulated(emulator, tmp_path, "bwd", mapping, inputs, torch.float32,
+                       flags_of(inputs, dfinal, time_major), dy=dy, dfinal=dfinal)
+    expected_backward = state_lanes_backward if mapping == "state_lanes" else "time_lanes"
+    assert f"backward: {expected_backward}" in got["log"]
+    ref = scan_with_grads(coupled_scan_ref, to_reference(inputs), dy.double(), dfinal.double())
+    for key, expected in ref.items():
+        if key in ("y", "final_state"):
+            assert_rel_close(got[key], expected, FWD_TOL[torch.float32], key)
+        elif key == "dcoupling" and inputs["coupling"] is None:
+            continue  # the default coupling is not an input
+        else:
+            assert_rel_close(got[key], expected, GRAD_TOL[torch.float32], key)
