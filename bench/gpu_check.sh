@@ -124,7 +124,8 @@ run_stage bench-scan 200 "$OUT/bench_scan.log" python3 bench/bench_scan.py --dev
 if command -v ncu >/dev/null && [[ -z ${GPU_CHECK_SKIP_NCU:-} ]]; then
   run_stage ncu 90 "$OUT/ncu.log" ncu -k regex:coupled_scan --launch-skip 2 --launch-count 2 \
     --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
-    --section WarpStateStats python3 bench/profile_scan.py --case a
+    --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis_Tables \
+    python3 bench/profile_scan.py --case a
 fi
 if [[ -z ${GPU_CHECK_SKIP_MODEL:-} ]]; then
   # Its log and figures stay behind (only 8 files come back from $OUT); the JSON has it all.

@@ -81,37 +81,39 @@ def test_cuda_runs_on_the_current_stream():
         assert_rel_close(result[key], value, FWD_TOL[torch.float32], key)
 
 
-# The earlier "time lanes" kernels stay selectable (COUPLED_MAMBA_CUDA_KERNELS, read at every
-# call; the backward also runs them where the state-lanes one does not fit, e.g. M > 4).
-TIME_LANES_SHAPES = [
+# Both thread mappings stay selectable (COUPLED_MAMBA_CUDA_KERNELS, read at every call); the
+# default ("auto") runs state lanes forward and picks the backward by shape (docs/kernels.md).
+MAPPING_SHAPES = [
     pytest.param((3, 2, 8, 4096, 16), id="L4096"),
     pytest.param((3, 1024, 16, 50, 64), id="batch1024-L50-N64"),
     pytest.param((4, 3, 40, 200, 256), id="N256"),
+    pytest.param((2, 2, 1536, 130, 16), id="dim1536"),
 ]
 
 
-@pytest.mark.parametrize("shape", TIME_LANES_SHAPES)
-def test_cuda_time_lanes_kernels_match_reference_and_state_lanes(shape, monkeypatch):
+@pytest.mark.parametrize("mapping", ["state_lanes", "time_lanes"])
+@pytest.mark.parametrize("shape", MAPPING_SHAPES)
+def test_cuda_each_kernel_mapping_matches_reference_and_default(shape, mapping, monkeypatch):
     inputs = make_scan_inputs(*shape, device="cuda", seed=sum(shape) + 7)
     M, batch, dim, L, N = shape
     g = torch.Generator().manual_seed(2)
     dy = torch.randn(M, batch, dim, L, generator=g, dtype=torch.float64)
     dfinal = torch.randn(batch, dim, N, generator=g, dtype=torch.float64)
-    state_lanes = scan_with_grads(coupled_selective_scan, inputs, dy.float().cuda(),
-                                  dfinal.float().cuda())
-    monkeypatch.setenv("COUPLED_MAMBA_CUDA_KERNELS", "time_lanes")
-    time_lanes = scan_with_grads(coupled_selective_scan, inputs, dy.float().cuda(),
-                                 dfinal.float().cuda())
+    default = scan_with_grads(coupled_selective_scan, inputs, dy.float().cuda(),
+                              dfinal.float().cuda())
+    monkeypatch.setenv("COUPLED_MAMBA_CUDA_KERNELS", mapping)
+    forced = scan_with_grads(coupled_selective_scan, inputs, dy.float().cuda(),
+                             dfinal.float().cuda())
     ref = scan_with_grads(coupled_scan_ref, to_reference(inputs, "cuda"), dy.cuda(), dfinal.cuda())
     for key in ref:
         tol = (FWD_TOL if key in ("y", "final_state") else GRAD_TOL)[torch.float32]
-        assert_rel_close(time_lanes[key], ref[key], tol, f"{key} time lanes vs reference")
-        assert_rel_close(time_lanes[key], state_lanes[key], tol, f"{key} time vs state lanes")
+        assert_rel_close(forced[key], ref[key], tol, f"{key} {mapping} vs reference")
+        assert_rel_close(forced[key], default[key], tol, f"{key} {mapping} vs default")
 
 
 def test_cuda_kernels_choice_is_checked(monkeypatch):
     inputs = make_scan_inputs(2, 1, 4, 10, 4, device="cuda")
     monkeypatch.setenv("COUPLED_MAMBA_CUDA_KERNELS", "fastest")
-    with pytest.raises(RuntimeError, match="COUPLED_MAMBA_CUDA_KERNELS expected 'state_lanes' "
-                                           "or 'time_lanes', got 'fastest'"):
+    with pytest.raises(RuntimeError, match="COUPLED_MAMBA_CUDA_KERNELS expected 'auto', "
+                                           "'state_lanes' or 'time_lanes', got 'fastest'"):
         coupled_selective_scan(**inputs)

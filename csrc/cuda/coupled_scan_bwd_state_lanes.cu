@@ -13,13 +13,19 @@
 // So each exponential is computed about three times in backward (checkpoints, recompute,
 // gradients) and never stored; nothing of size (…, N, L) exists.
 //
-// Sums: over the row's states, (Σ_n A·μ·a·G, Σ_n μ·B) per (modality, step) with log2(R)
-// shuffles, from which the segment's epilogue forms dΔ, du, dδ (coalesced along t, as are
-// the dz written while staging). Over channels: dB and dC per (modality, step, state) in
-// shared memory with shared atomics over the block's rows, then one global atomic per
-// element and block; dA per lane over all steps, one atomic per element at the end; dD and
-// dΔ-bias per (modality, row) in shared memory, the coupling's gradient per lane, each one
-// atomic per block or warp at the end.
+// Placement (state_lanes.cuh): the block's warps split the states, each warp holding all of
+// the block's rows for its share (LaneGeometry with Ws > 1). Sums over channels: dB and dC
+// per (modality, step, state) are summed over the warp's rows with a transposing shuffle
+// reduction (each round halves the values a lane carries), then added into shared memory
+// with plain stores, since no other warp holds those states: no shared-memory atomics (a
+// float atomic add to shared memory is a compare-and-swap loop on these GPUs, and two rows
+// in a warp made every other one retry: the first version of this kernel spent most of its
+// time there). Then one global atomic per element and block. Sums over states,
+// (Σ_n A·μ·a·G, Σ_n μ·B) per (modality, step, row), go through shuffles inside a warp and
+// shared memory across warps; the segment's epilogue forms dΔ, du, dδ from them (coalesced
+// along t, as are the dz written while staging). dA per lane over all steps, one atomic per
+// element at the end; dD and dΔ-bias per (modality, row) in shared memory, the coupling's
+// gradient per lane, each one atomic per block or warp at the end.
 #include "coupled_scan_cuda.h"
 #include "state_lanes.cuh"
 
@@ -32,12 +38,11 @@ constexpr float kLn2 = 0.6931471805599453f;
 // minutes to compile and spilled 3 KB per thread.
 constexpr int kBwdLaneMaxM = 4;
 
-// Block size per states-per-lane: with 8 states a lane's checkpoints take four times the
-// shared memory, so blocks are half the size. At most 128 registers a thread either way.
+// Up to 8 state warps (256 threads); segments of kSeg steps, kSeg·kStates = 32 floats of
+// history per lane. At most 128 registers a thread (two blocks per multiprocessor).
+constexpr int kBwdMaxStateWarps = 8;
 template <int kStates>
 struct BwdLaneConfig {
-  static constexpr int kThreads = kStates == 4 ? 256 : 128;
-  static constexpr int kMinBlocks = kStates == 4 ? 2 : 4;
   static constexpr int kSeg = 32 / kStates;  // steps per segment (and per staged tile)
   static constexpr int kCheckpoints = kChunkLen / kSeg;
 };
@@ -45,7 +50,8 @@ struct BwdLaneConfig {
 struct BwdLanePlan {
   LaneGeometry g;   // g.T == kSeg
   int st_stride;    // floats per step of the {Δ, Δu, dŷ, u} stage: 4·M·rows + 4
-  int sum_stride;   // floats per step of the row sums {Σ A·log2e·x, Σ μ·B}: 2·M·rows + 2
+  int sum_stride;   // floats per step of the sums over states {Σ A·log2e·x, Σ μ·B} per
+                    // (modality, row, state warp): 2·M·rows·Ws + 2
   size_t smem_bytes;
   // Offsets in floats of each part of shared memory.
   int at_dBC, at_st, at_sums, at_checkpoints, at_dD;
@@ -56,15 +62,19 @@ BwdLanePlan plan_bwd_lanes(const ScanShape& s) {
   using Config = BwdLaneConfig<kStates>;
   BwdLanePlan pl{};
   const int M = static_cast<int>(s.n_modalities);
-  pl.g = lane_geometry(s, kStates, Config::kThreads, Config::kSeg);
+  // As many state warps as the row has lanes to spread (at most 8), one warp's worth of rows.
+  int R = 1;
+  while (R < 32 && static_cast<int64_t>(R) * kStates < s.dstate) R *= 2;
+  const int state_warps = R < kBwdMaxStateWarps ? R : kBwdMaxStateWarps;
+  pl.g = lane_geometry(s, kStates, 32 * state_warps, Config::kSeg, state_warps);
   pl.st_stride = 4 * M * pl.g.rows + 4;
-  pl.sum_stride = 2 * M * pl.g.rows + 2;
+  pl.sum_stride = 2 * M * pl.g.rows * pl.g.Ws + 2;
   const int T = Config::kSeg;
   pl.at_dBC = T * pl.g.bc_stride;
   pl.at_st = pl.at_dBC + T * pl.g.bc_stride;
   pl.at_sums = pl.at_st + T * pl.st_stride;
   pl.at_checkpoints = pl.at_sums + T * pl.sum_stride;
-  pl.at_dD = pl.at_checkpoints + Config::kCheckpoints * kStates * Config::kThreads;
+  pl.at_dD = pl.at_checkpoints + Config::kCheckpoints * kStates * pl.g.threads;
   pl.smem_bytes = (pl.at_dD + 2 * M * pl.g.rows) * sizeof(float);
   return pl;
 }
@@ -128,9 +138,58 @@ __device__ void stage_bwd_steps(const BwdLanePlan& pl, float* stage, const ScanB
   }
 }
 
+// Adds this step's dB and dC contributions of the warp's rows into the shared accumulator
+// `acc` ([B|C][Np] of one modality and step). v holds this lane's (its row's) values: dB of
+// its kStates states, then dC. The lanes holding the same states of the warp's other rows
+// are lane ^ o for o = Rw, 2·Rw, ..., 16. Each round pairs such lanes: one keeps the lower
+// half of the values, the other the upper half, and adds the partner's half it keeps; once
+// a lane carries one value the rounds left are plain butterflies. Then every sum is held by
+// one lane (or several equal copies, of which one writes), and no other warp holds these
+// states: a plain read-add-write, no atomics. All lanes of the warp call it.
+template <int kStates>
+__device__ __forceinline__ void add_over_rows(float (&v)[2 * kStates], float* acc,
+                                              const LaneGeometry& g, const LanePlace& at) {
+  constexpr int V = 2 * kStates;
+  const int lane = threadIdx.x & 31;
+  int first = 0;        // index in the original v of v[0] after the rounds
+  bool writer = true;   // false on the copies that a plain round made
+  int count = V;        // values this lane carries after the rounds
+#pragma unroll
+  for (int round = 0; round < 5; ++round) {
+    const int o = g.Rw << round;
+    if (o >= 32) break;
+    const bool upper = (lane & o) != 0;
+    constexpr int kMax = V;  // sizes below are compile-time once the loop is unrolled
+    const int size = (kMax >> round) > 0 ? (kMax >> round) : 1;
+    if (size >= 2) {
+      const int half = size / 2;
+#pragma unroll
+      for (int i = 0; i < kMax / 2; ++i) {
+        if (i >= half) break;
+        const float send = upper ? v[i] : v[i + half];
+        const float keep = upper ? v[i + half] : v[i];
+        v[i] = keep + __shfl_xor_sync(kFullMask, send, o);
+      }
+      if (upper) first += half;
+      count = half;
+    } else {
+      v[0] += __shfl_xor_sync(kFullMask, v[0], o);
+      writer = writer && !upper;
+    }
+  }
+  if (!writer) return;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    if (j >= count) break;
+    const int x = first + j;
+    const bool is_C = x >= kStates;
+    const int n = at.state(g, is_C ? x - kStates : x);
+    acc[(is_C ? g.Np : 0) + n] += v[j];
+  }
+}
+
 template <typename input_t, int kMaxM, int kStates>
-__global__ void __launch_bounds__(BwdLaneConfig<kStates>::kThreads,
-                                  BwdLaneConfig<kStates>::kMinBlocks)
+__global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
     coupled_scan_bwd_state_lanes_kernel(const ScanBwdParams p, const BwdLanePlan pl) {
   using Config = BwdLaneConfig<kStates>;
   constexpr int kSeg = Config::kSeg, kQuads = kStates / 4;
@@ -139,19 +198,20 @@ __global__ void __launch_bounds__(BwdLaneConfig<kStates>::kThreads,
   const int M = static_cast<int>(s.n_modalities);
   const int64_t N = s.dstate, L = s.seqlen;
   const LanePlace at(g, s.dim);
+  const int state_warp = at.warp & (g.Ws - 1);
 
   CM_DYNAMIC_SMEM(float4, smem_f4);  // float4: the 16-byte loads need that alignment
   float* smem = reinterpret_cast<float*>(smem_f4);
   float* stage_BC = smem;               // [kSeg][bc_stride]: B, C
   float* acc_dBC = smem + pl.at_dBC;    // [kSeg][bc_stride]: dB, dC summed over the rows
   float* stage_st = smem + pl.at_st;    // [kSeg][st_stride]: {Δ, Δu, dŷ, u}
-  float* sums = smem + pl.at_sums;      // [kSeg][sum_stride]: row sums over states
+  float* sums = smem + pl.at_sums;      // [kSeg][sum_stride]: sums over states
   float* checkpoints = smem + pl.at_checkpoints;  // [kCheckpoints][kStates][threads]
   float* acc_dD = smem + pl.at_dD;      // [2][M·rows]: dD, dΔ-bias per (modality, row)
   for (int j = threadIdx.x; j < kSeg * g.bc_stride; j += blockDim.x) acc_dBC[j] = 0.f;
   for (int j = threadIdx.x; j < 2 * M * g.rows; j += blockDim.x) acc_dD[j] = 0.f;
   const auto checkpoint = [&](int segment, int k) -> float& {
-    return checkpoints[(segment * kStates + k) * Config::kThreads + threadIdx.x];
+    return checkpoints[(segment * kStates + k) * g.threads + threadIdx.x];
   };
 
   float w[kMaxM];
@@ -245,7 +305,6 @@ __global__ void __launch_bounds__(BwdLaneConfig<kStates>::kThreads,
         if (t >= steps) continue;
         const float* bc = stage_BC + t * g.bc_stride + 4 * at.r;
         const float* st = stage_st + t * pl.st_stride + 4 * at.row;
-        float* dB_at = acc_dBC + t * g.bc_stride + 4 * at.r;
         float lambda_prev[kStates] = {};
 #pragma unroll
         for (int m = 0; m < kMaxM; ++m) {
@@ -253,6 +312,7 @@ __global__ void __launch_bounds__(BwdLaneConfig<kStates>::kThreads,
           const float4 v = *reinterpret_cast<const float4*>(st + 4 * m * g.rows);
           const float step = v.x, drive = v.y, dy_hat = v.z;
           float sum_A_x = 0.f, sum_mu_B = 0.f;  // over this lane's states
+          float dBC[2 * kStates];               // dB then dC of this lane's states
 #pragma unroll
           for (int q = 0; q < kQuads; ++q) {
             float Bq[4], Cq[4];
@@ -267,8 +327,8 @@ __global__ void __launch_bounds__(BwdLaneConfig<kStates>::kThreads,
               const float mu = dy_hat * Cq[i] + w[m] * lambda[k];  // dℓ/dh
               const FactoredStateGrad<float> d =
                   modality_state_grad_factored(mu, a, history[t][k], drive, Bq[i]);
-              atomicAdd(dB_at + 2 * m * g.Np + 4 * q * g.R + i, d.d_B);
-              atomicAdd(dB_at + (2 * m + 1) * g.Np + 4 * q * g.R + i, dy_hat * h);
+              dBC[k] = d.d_B;
+              dBC[kStates + k] = dy_hat * h;
               sum_A_x += A_log2 * d.mu_decayed;
               sum_mu_B += d.mu_B;
               dA_sum[m][k] += step * d.mu_decayed;
@@ -276,10 +336,12 @@ __global__ void __launch_bounds__(BwdLaneConfig<kStates>::kThreads,
               dw_sum[m] += lambda[k] * h;
             }
           }
-          sum_A_x = row_sum(sum_A_x, g.R);
-          sum_mu_B = row_sum(sum_mu_B, g.R);
-          if (at.r == 0)
-            *reinterpret_cast<float2*>(sums + t * pl.sum_stride + 2 * (m * g.rows + at.row)) =
+          add_over_rows<kStates>(dBC, acc_dBC + t * g.bc_stride + 2 * m * g.Np, g, at);
+          sum_A_x = row_sum(sum_A_x, g.Rw);
+          sum_mu_B = row_sum(sum_mu_B, g.Rw);
+          if ((at.r & (g.Rw - 1)) == 0)
+            *reinterpret_cast<float2*>(sums + t * pl.sum_stride +
+                                       2 * ((m * g.rows + at.row) * g.Ws + state_warp)) =
                 make_float2(sum_A_x, sum_mu_B);
         }
 #pragma unroll
@@ -299,7 +361,12 @@ __global__ void __launch_bounds__(BwdLaneConfig<kStates>::kThreads,
         float dD = 0.f, dbias = 0.f;
         for (int t = 0; t < steps; ++t) {
           const float4 v = *reinterpret_cast<const float4*>(stage_st + t * pl.st_stride + 4 * pair);
-          const float2 sum = *reinterpret_cast<const float2*>(sums + t * pl.sum_stride + 2 * pair);
+          float2 sum = make_float2(0.f, 0.f);
+          for (int sw = 0; sw < g.Ws; ++sw) {
+            const float2 part =
+                *reinterpret_cast<const float2*>(sums + t * pl.sum_stride + 2 * (pair * g.Ws + sw));
+            sum.x += part.x, sum.y += part.y;
+          }
           const float d_step = kLn2 * sum.x + v.w * sum.y;
           const float raw = load_input<input_t>(p.delta, m, at.b, e, t0 + t);
           const float d_raw = step_size_grad(d_step, raw, bias, p.delta_softplus);
@@ -379,11 +446,21 @@ cudaError_t launch_bwd_lanes(const ScanBwdParams& p, cudaStream_t stream) {
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(pl.smem_bytes));
   if (err != cudaSuccess) return err;
-  CM_LAUNCH(pl.g.blocks, BwdLaneConfig<kStates>::kThreads, pl.smem_bytes, stream, kernel)(p, pl);
+  CM_LAUNCH(pl.g.blocks, pl.g.threads, pl.smem_bytes, stream, kernel)(p, pl);
   return cudaGetLastError();
 }
 
 }  // namespace
+
+bool coupled_scan_bwd_state_lanes_preferred(const ScanShape& shape) {
+  // Independent work per step: lanes (rows times lanes per row) times modalities. Set from
+  // the H200 measurements of docs/benchmarks.md: state lanes won at (b) (4096 rows x 16
+  // lanes x 3 modalities = 196608) and lost at (c) (12288 x 4 x 2 = 98304).
+  const int64_t lanes_per_row = (shape.dstate + bwd_states_per_lane(shape) - 1) / bwd_states_per_lane(shape);
+  int64_t R = 1;
+  while (R < 32 && R < lanes_per_row) R *= 2;
+  return shape.batch * shape.dim * R * shape.n_modalities >= (int64_t{1} << 17);
+}
 
 bool coupled_scan_bwd_state_lanes_fits(const ScanShape& shape) {
   if (shape.n_modalities > kBwdLaneMaxM) return false;

@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kFwdLaneThreads, 2)
             G_next[k] += w[m] * h;
           }
         }
-        y_part = row_sum(y_part, g.R);
+        y_part = row_sum(y_part, g.Rw);  // Rw == R: a row is inside one warp
         if (at.r == 0) stage_y[t * pl.y_stride + m * g.rows + at.row] = y_part;
       }
 #pragma unroll
@@ -188,7 +188,7 @@ inline int fwd_states_per_lane(const ScanShape& s) {
 inline FwdLanePlan plan_fwd_lanes(const ScanShape& s, int k_states) {
   FwdLanePlan pl{};
   const int M = static_cast<int>(s.n_modalities);
-  pl.g = lane_geometry(s, k_states, kFwdLaneThreads, 1);
+  pl.g = lane_geometry(s, k_states, kFwdLaneThreads, 1, /*state_warps=*/1);
   pl.dd_stride = 2 * M * pl.g.rows + 2;
   pl.y_stride = (M * pl.g.rows) | 1;
   // The longest tile (at most a chunk) whose stages fit the default shared-memory budget;

@@ -27,16 +27,22 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
-// The kernels' thread mapping (coupled_scan_cuda.h): COUPLED_MAMBA_CUDA_KERNELS=state_lanes
-// (the default) or time_lanes. Read at every call, so that a test or a benchmark can run
-// both in one process; the lookup costs far less than a launch.
-bool use_state_lanes(const char* op) {
-  const char* choice = std::getenv("COUPLED_MAMBA_CUDA_KERNELS");
-  const std::string mapping = choice == nullptr || *choice == '\0' ? "state_lanes" : choice;
-  TORCH_CHECK(mapping == "state_lanes" || mapping == "time_lanes", op,
-              ": environment variable COUPLED_MAMBA_CUDA_KERNELS expected 'state_lanes' or ",
-              "'time_lanes', got '", mapping, "'");
-  return mapping == "state_lanes";
+// The kernels' thread mapping (coupled_scan_cuda.h), from COUPLED_MAMBA_CUDA_KERNELS: "auto"
+// (the default: state lanes forward; backward as coupled_scan_bwd_state_lanes_preferred
+// says), "state_lanes" or "time_lanes" (both directions; the state-lanes backward only where
+// it fits). Read at every call, so that a test or a benchmark can compare them in one
+// process; the lookup costs far less than a launch.
+enum class Kernels { kAuto, kStateLanes, kTimeLanes };
+
+Kernels kernels_choice(const char* op) {
+  const char* value = std::getenv("COUPLED_MAMBA_CUDA_KERNELS");
+  const std::string choice = value == nullptr || *value == '\0' ? "auto" : value;
+  TORCH_CHECK(choice == "auto" || choice == "state_lanes" || choice == "time_lanes", op,
+              ": environment variable COUPLED_MAMBA_CUDA_KERNELS expected 'auto', ",
+              "'state_lanes' or 'time_lanes', got '", choice, "'");
+  return choice == "auto" ? Kernels::kAuto
+         : choice == "state_lanes" ? Kernels::kStateLanes
+                                   : Kernels::kTimeLanes;
 }
 
 void launch_forward_cuda(const ScanFwdCall& call) {
@@ -44,7 +50,7 @@ void launch_forward_cuda(const ScanFwdCall& call) {
   const char* op = "coupled_selective_scan";
   const InputDtype dtype = input_dtype(call.y, op);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (use_state_lanes(op))
+  if (kernels_choice(op) != Kernels::kTimeLanes)
     check_launch(coupled_scan_fwd_state_lanes_cuda(call.params, dtype, stream),
                  "coupled_scan_fwd_state_lanes_cuda");
   else
@@ -90,7 +96,11 @@ ScanBwdOutputs scan_backward_cuda(const Tensor& dy, const OptTensor& dfinal_stat
   const char* op = "coupled_selective_scan backward";
   const InputDtype dtype = input_dtype(u, op);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (use_state_lanes(op) && coupled_scan_bwd_state_lanes_fits(call.params.shape))
+  const Kernels choice = kernels_choice(op);
+  const ScanShape& shape = call.params.shape;
+  if ((choice == Kernels::kStateLanes ||
+       (choice == Kernels::kAuto && coupled_scan_bwd_state_lanes_preferred(shape))) &&
+      coupled_scan_bwd_state_lanes_fits(shape))
     check_launch(coupled_scan_bwd_state_lanes_cuda(call.params, dtype, stream),
                  "coupled_scan_bwd_state_lanes_cuda");
   else

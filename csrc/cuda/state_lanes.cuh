@@ -1,11 +1,11 @@
 // The "state lanes" thread mapping shared by coupled_scan_fwd_state_lanes.cu and
 // coupled_scan_bwd_state_lanes.cu (docs/kernels.md).
 //
-// One channel (b, e), a *row*, is owned by R consecutive lanes of a warp (R a power of two,
-// at most 32); each lane holds kStates of the row's states in registers and walks time step
-// by step. The states are independent recurrences (the coupling sums over modalities, not
-// states), so no step waits on another lane; only sums over states (ŷ forward, dΔ and du
-// backward) cross lanes, with log2(R) shuffles per (modality, step).
+// One channel (b, e), a *row*, is owned by R lanes (R a power of two, at most 32; how they
+// sit in warps: LaneGeometry); each lane holds kStates of the row's states in registers and
+// walks time step by step. The states are independent recurrences (the coupling sums over
+// modalities, not states), so no step waits on another lane; only sums cross lanes: over
+// states (ŷ forward, dΔ and du backward) and, in backward, over rows (dB, dC).
 //
 // Lane r of a row holds the states n = 4·(q·R + r) + i, q < kStates/4, i < 4: for each q the
 // row's lanes read consecutive 16-byte pieces of a staged step (conflict-free shared loads).
@@ -28,24 +28,38 @@ CM_HOST_DEVICE int log2_of(int power_of_two) {
 }
 
 // Where rows, states and steps go; chosen on the host and passed to the kernel.
+//
+// A row's R lanes sit in Ws warps ("state warps"), Rw = R / Ws lanes in each; a warp holds
+// 32 / Rw rows. Forward uses Ws = 1 (a row inside one warp, different warps different rows:
+// ŷ is summed with shuffles alone). Backward uses Ws > 1 (every warp holds all the block's
+// rows, for its own share of the states): dB and dC, summed over rows, are then reduced
+// inside each warp and no two warps touch the same state.
 struct LaneGeometry {
-  int threads;      // per block
-  int R, log2_R;    // lanes per row
-  int rows, log2_rows;  // rows per block, threads / R
-  int Np, log2_Np;  // states covered by a row's lanes, R·kStates >= N
-  int T, log2_T;    // steps per staged tile, a power of two
-  int bc_stride;    // floats per step of the B/C stage: 2·M·Np, + 4 against bank conflicts
+  int threads;          // per block
+  int R;                // lanes per row, R = Ws·Rw
+  int Rw, log2_Rw;      // lanes of a row in one warp
+  int Ws, log2_Ws;      // warps sharing a row's states
+  int rows, log2_rows;  // rows per block
+  int Np, log2_Np;      // states covered by a row's lanes, R·kStates >= N
+  int T, log2_T;        // steps per staged tile, a power of two
+  int bc_stride;        // floats per step of the B/C stage: 2·M·Np, + 4 against bank conflicts
   int64_t blocks_per_batch;
-  int64_t blocks;   // 0 when there is nothing to launch
+  int64_t blocks;       // 0 when there is nothing to launch
 };
 
-inline LaneGeometry lane_geometry(const ScanShape& s, int k_states, int threads, int T) {
+// The smallest R (a power of two, at most 32) with R·k_states >= N; then `threads` (a
+// multiple of 32·Ws) and Ws state warps (at most R).
+inline LaneGeometry lane_geometry(const ScanShape& s, int k_states, int threads, int T,
+                                  int state_warps) {
   LaneGeometry g{};
-  g.threads = threads;
   g.R = 1;
   while (g.R < 32 && static_cast<int64_t>(g.R) * k_states < s.dstate) g.R *= 2;
-  g.log2_R = log2_of(g.R);
-  g.rows = threads / g.R;
+  g.Ws = state_warps < g.R ? state_warps : g.R;
+  g.log2_Ws = log2_of(g.Ws);
+  g.Rw = g.R / g.Ws;
+  g.log2_Rw = log2_of(g.Rw);
+  g.threads = threads;
+  g.rows = (threads / 32 / g.Ws) * (32 / g.Rw);
   g.log2_rows = log2_of(g.rows);
   g.Np = g.R * k_states;
   g.log2_Np = log2_of(g.Np);
@@ -59,14 +73,18 @@ inline LaneGeometry lane_geometry(const ScanShape& s, int k_states, int threads,
 
 // This thread's row and lane.
 struct LanePlace {
-  int r;        // lane within the row
+  int r;        // lane within the row, 0 .. R-1
   int row;      // row within the block
+  int warp;     // warp within the block
   int64_t b, e_first, e;
   bool active;  // e < dim (the last block of a batch index may run past dim)
 
   __device__ LanePlace(const LaneGeometry& g, int64_t dim) {
-    r = threadIdx.x & (g.R - 1);
-    row = threadIdx.x >> g.log2_R;
+    warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int state_warp = warp & (g.Ws - 1), row_warp = warp >> g.log2_Ws;
+    r = (state_warp << g.log2_Rw) + (lane & (g.Rw - 1));
+    row = (row_warp << (5 - g.log2_Rw)) + (lane >> g.log2_Rw);
     b = blockIdx.x / g.blocks_per_batch;
     e_first = (blockIdx.x % g.blocks_per_batch) * g.rows;
     e = e_first + row;
@@ -108,9 +126,11 @@ struct DecayRates {
   }
 };
 
-// Sum over the R lanes of a row; every lane of the row gets it. All lanes of the warp call it.
-__device__ __forceinline__ float row_sum(float v, int R) {
-  for (int offset = R >> 1; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+// Sum over the `lanes` lanes of a row inside one warp (Rw); every one of them gets it. All
+// lanes of the warp call it.
+__device__ __forceinline__ float row_sum(float v, int lanes) {
+  for (int offset = lanes >> 1; offset > 0; offset >>= 1)
+    v += __shfl_xor_sync(kFullMask, v, offset);
   return v;
 }
 
