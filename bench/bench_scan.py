@@ -41,7 +41,7 @@ taken at a low load, or with --threads 1.
 the operator alone (CUDA; for comparing builds of the kernels quickly). On CUDA each case
 also times the operator with each thread mapping forced (COUPLED_MAMBA_CUDA_KERNELS,
 docs/kernels.md) in the same run: columns "state ms" and "time ms" beside the default's
-("op ms", the "auto" choice).
+("op ms").
 """
 import argparse
 import json
@@ -389,7 +389,8 @@ def run_cuda(args, report):
                 row["op_s"] = time_cuda(call, warmup=3, repeats=20)
                 row["op_peak_extra_bytes"] = cuda_peak_extra(call)
                 # The same call with each thread mapping forced (docs/kernels.md); op_s is the
-                # default choice ("auto").
+                # default (state lanes, the backward falling back to time lanes where the
+                # state-lanes one does not fit).
                 for mapping in ("state_lanes", "time_lanes"):
                     row[f"{mapping}_s"] = with_kernels(
                         mapping, lambda: time_cuda(call, warmup=3, repeats=20))

@@ -162,6 +162,11 @@ BACKWARD_CASES = [
                                           initial_state=False), False, "state_lanes",
                  id="M1-bare-L9"),
     pytest.param((5, 1, 20, 66, 16), {}, False, "time_lanes", id="M5-N16-L66-fallback"),
+    # Lanes per row 1 (N <= 4: one state warp of 32 rows), 2 and 32 (N = 256: 8 states per
+    # lane, 8 state warps of 4 lanes per row), odd N with padding states.
+    pytest.param((2, 1, 35, 12, 1), {}, False, "state_lanes", id="M2-N1-L12"),
+    pytest.param((3, 1, 7, 20, 7), {}, False, "state_lanes", id="M3-N7-L20"),
+    pytest.param((2, 1, 5, 11, 256), {}, False, "state_lanes", id="M2-N256-L11"),
 ]
 
 

@@ -82,7 +82,8 @@ def test_cuda_runs_on_the_current_stream():
 
 
 # Both thread mappings stay selectable (COUPLED_MAMBA_CUDA_KERNELS, read at every call); the
-# default ("auto") runs state lanes forward and picks the backward by shape (docs/kernels.md).
+# default is state lanes, the backward falling back to time lanes where the state-lanes one
+# does not fit (M > 4, or too little shared memory).
 MAPPING_SHAPES = [
     pytest.param((3, 2, 8, 4096, 16), id="L4096"),
     pytest.param((3, 1024, 16, 50, 64), id="batch1024-L50-N64"),
@@ -114,6 +115,6 @@ def test_cuda_each_kernel_mapping_matches_reference_and_default(shape, mapping, 
 def test_cuda_kernels_choice_is_checked(monkeypatch):
     inputs = make_scan_inputs(2, 1, 4, 10, 4, device="cuda")
     monkeypatch.setenv("COUPLED_MAMBA_CUDA_KERNELS", "fastest")
-    with pytest.raises(RuntimeError, match="COUPLED_MAMBA_CUDA_KERNELS expected 'auto', "
-                                           "'state_lanes' or 'time_lanes', got 'fastest'"):
+    with pytest.raises(RuntimeError, match="COUPLED_MAMBA_CUDA_KERNELS expected 'state_lanes' "
+                                           "or 'time_lanes', got 'fastest'"):
         coupled_selective_scan(**inputs)

@@ -452,16 +452,6 @@ cudaError_t launch_bwd_lanes(const ScanBwdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-bool coupled_scan_bwd_state_lanes_preferred(const ScanShape& shape) {
-  // Independent work per step: lanes (rows times lanes per row) times modalities. Set from
-  // the H200 measurements of docs/benchmarks.md: state lanes won at (b) (4096 rows x 16
-  // lanes x 3 modalities = 196608) and lost at (c) (12288 x 4 x 2 = 98304).
-  const int64_t lanes_per_row = (shape.dstate + bwd_states_per_lane(shape) - 1) / bwd_states_per_lane(shape);
-  int64_t R = 1;
-  while (R < 32 && R < lanes_per_row) R *= 2;
-  return shape.batch * shape.dim * R * shape.n_modalities >= (int64_t{1} << 17);
-}
-
 bool coupled_scan_bwd_state_lanes_fits(const ScanShape& shape) {
   if (shape.n_modalities > kBwdLaneMaxM) return false;
   const size_t bytes = bwd_states_per_lane(shape) == 8 ? plan_bwd_lanes<8>(shape).smem_bytes

@@ -18,14 +18,9 @@ cudaError_t coupled_scan_fwd_time_lanes_cuda(const ScanFwdParams& params, InputD
                                              cudaStream_t stream);
 
 // The state-lanes backward covers up to 4 modalities and needs more shared memory than the
-// default 48 KB (about 100 KB at N = 64): where it does not fit (the shape, the current
+// default 48 KB (89 KB at M = 3, N = 64): where it does not fit (the shape, the current
 // device), the time-lanes backward runs.
 bool coupled_scan_bwd_state_lanes_fits(const ScanShape& shape);
-// Whether the state-lanes backward is expected to be the faster one: it walks time in each
-// lane, so it needs enough rows (and modalities) to keep the card busy at every step; the
-// time-lanes backward is parallel over time too (docs/kernels.md: the rule and the
-// measurements behind it).
-bool coupled_scan_bwd_state_lanes_preferred(const ScanShape& shape);
 cudaError_t coupled_scan_bwd_state_lanes_cuda(const ScanBwdParams& params, InputDtype dtype,
                                               cudaStream_t stream);
 cudaError_t coupled_scan_bwd_time_lanes_cuda(const ScanBwdParams& params, InputDtype dtype,

@@ -27,22 +27,17 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
-// The kernels' thread mapping (coupled_scan_cuda.h), from COUPLED_MAMBA_CUDA_KERNELS: "auto"
-// (the default: state lanes forward; backward as coupled_scan_bwd_state_lanes_preferred
-// says), "state_lanes" or "time_lanes" (both directions; the state-lanes backward only where
-// it fits). Read at every call, so that a test or a benchmark can compare them in one
-// process; the lookup costs far less than a launch.
-enum class Kernels { kAuto, kStateLanes, kTimeLanes };
-
-Kernels kernels_choice(const char* op) {
+// The kernels' thread mapping (coupled_scan_cuda.h), from COUPLED_MAMBA_CUDA_KERNELS:
+// "state_lanes" (the default; the backward falls back to time lanes where the state-lanes
+// one does not fit) or "time_lanes". Read at every call, so that a test or a benchmark can
+// compare them in one process; the lookup costs far less than a launch.
+bool use_state_lanes(const char* op) {
   const char* value = std::getenv("COUPLED_MAMBA_CUDA_KERNELS");
-  const std::string choice = value == nullptr || *value == '\0' ? "auto" : value;
-  TORCH_CHECK(choice == "auto" || choice == "state_lanes" || choice == "time_lanes", op,
-              ": environment variable COUPLED_MAMBA_CUDA_KERNELS expected 'auto', ",
-              "'state_lanes' or 'time_lanes', got '", choice, "'");
-  return choice == "auto" ? Kernels::kAuto
-         : choice == "state_lanes" ? Kernels::kStateLanes
-                                   : Kernels::kTimeLanes;
+  const std::string choice = value == nullptr || *value == '\0' ? "state_lanes" : value;
+  TORCH_CHECK(choice == "state_lanes" || choice == "time_lanes", op,
+              ": environment variable COUPLED_MAMBA_CUDA_KERNELS expected 'state_lanes' or ",
+              "'time_lanes', got '", choice, "'");
+  return choice == "state_lanes";
 }
 
 void launch_forward_cuda(const ScanFwdCall& call) {
@@ -50,7 +45,7 @@ void launch_forward_cuda(const ScanFwdCall& call) {
   const char* op = "coupled_selective_scan";
   const InputDtype dtype = input_dtype(call.y, op);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (kernels_choice(op) != Kernels::kTimeLanes)
+  if (use_state_lanes(op))
     check_launch(coupled_scan_fwd_state_lanes_cuda(call.params, dtype, stream),
                  "coupled_scan_fwd_state_lanes_cuda");
   else
@@ -96,11 +91,7 @@ ScanBwdOutputs scan_backward_cuda(const Tensor& dy, const OptTensor& dfinal_stat
   const char* op = "coupled_selective_scan backward";
   const InputDtype dtype = input_dtype(u, op);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const Kernels choice = kernels_choice(op);
-  const ScanShape& shape = call.params.shape;
-  if ((choice == Kernels::kStateLanes ||
-       (choice == Kernels::kAuto && coupled_scan_bwd_state_lanes_preferred(shape))) &&
-      coupled_scan_bwd_state_lanes_fits(shape))
+  if (use_state_lanes(op) && coupled_scan_bwd_state_lanes_fits(call.params.shape))
     check_launch(coupled_scan_bwd_state_lanes_cuda(call.params, dtype, stream),
                  "coupled_scan_bwd_state_lanes_cuda");
   else

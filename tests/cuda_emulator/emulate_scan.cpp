@@ -31,7 +31,6 @@ namespace coupled_mamba {
 cudaError_t coupled_scan_fwd_state_lanes_cuda(const ScanFwdParams&, InputDtype, cudaStream_t);
 cudaError_t coupled_scan_fwd_time_lanes_cuda(const ScanFwdParams&, InputDtype, cudaStream_t);
 bool coupled_scan_bwd_state_lanes_fits(const ScanShape&);
-bool coupled_scan_bwd_state_lanes_preferred(const ScanShape&);
 cudaError_t coupled_scan_bwd_state_lanes_cuda(const ScanBwdParams&, InputDtype, cudaStream_t);
 cudaError_t coupled_scan_bwd_time_lanes_cuda(const ScanBwdParams&, InputDtype, cudaStream_t);
 }  // namespace coupled_mamba
