@@ -5,8 +5,9 @@ staging, barriers, shuffles and that every output element is written, on every m
 says nothing about speed, and the GPU tests (test_scan_cuda.py, marked ``cuda``) remain the
 word on the real device.
 
-The time-lanes forward and the backward ran on a GPU already (docs/benchmarks.md); passing
-here too is what makes the emulator believable for kernels that have not.
+Every kernel here has also run on a GPU (docs/benchmarks.md): the time-lanes ones passed
+here after they had, the state-lanes ones before their first GPU run, and the GPU agreed.
+That is what makes the emulator worth trusting for a kernel change made without a GPU.
 """
 import os
 import shutil

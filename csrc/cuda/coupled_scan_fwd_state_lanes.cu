@@ -19,6 +19,13 @@ namespace coupled_mamba {
 namespace {
 
 constexpr int kFwdLaneThreads = 256;
+// Minimum resident blocks per multiprocessor, a build-time knob (NVCC_APPEND_FLAGS=
+// "-DCOUPLED_MAMBA_FWD_LANE_MIN_BLOCKS=3"; bench/gpu_check.sh times it): 2 caps a thread at
+// 128 registers (it takes 120–123, no spill: the measured default), 3 at 80 (no spill with 4
+// states per lane, 76 bytes with 8; not yet measured).
+#ifndef COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS
+#define COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS 2
+#endif
 
 struct FwdLanePlan {
   LaneGeometry g;
@@ -64,7 +71,7 @@ __device__ void stage_steps(const FwdLanePlan& pl, float* stage, const ScanFwdPa
 }
 
 template <typename input_t, int kMaxM, int kStates>
-__global__ void __launch_bounds__(kFwdLaneThreads, 2)
+__global__ void __launch_bounds__(kFwdLaneThreads, COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS)
     coupled_scan_fwd_state_lanes_kernel(const ScanFwdParams p, const FwdLanePlan pl) {
   static_assert(kStates % 4 == 0, "a lane's states come in 16-byte groups of 4");
   constexpr int kQuads = kStates / 4;
