@@ -18,12 +18,12 @@
 // per (modality, step, state) are summed over the warp's rows with a transposing shuffle
 // reduction (each round halves the values a lane carries), then added into shared memory
 // with plain stores, since no other warp holds those states: no shared-memory atomics (a
-// float atomic add to shared memory is a compare-and-swap loop on these GPUs, and two rows
-// in a warp made every other one retry: the first version of this kernel spent most of its
-// time there). Then one global atomic per element and block. Sums over states,
+// float atomic add to shared memory is, as far as we know, a compare-and-swap loop; the
+// first version of this kernel added dB and dC that way and was 1.5x slower). Then one
+// global atomic per element and block. Sums over states,
 // (Σ_n A·μ·a·G, Σ_n μ·B) per (modality, step, row), go through shuffles inside a warp and
-// shared memory across warps; the segment's epilogue forms dΔ, du, dδ from them (coalesced
-// along t, as are the dz written while staging). dA per lane over all steps, one atomic per
+// shared memory across warps; the segment's epilogue forms dΔ, du, dδ from them (dz is
+// written while staging). dA per lane over all steps, one atomic per
 // element at the end; dD and dΔ-bias per (modality, row) in shared memory, the coupling's
 // gradient per lane, each one atomic per block or warp at the end.
 #include "coupled_scan_cuda.h"
