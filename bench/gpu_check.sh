@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check on a bare machine with torch, nvcc and pytest but no network: build the
-# extension in place for the visible card, run the CUDA tests and a few CPU smoke tests, the
+# extension in place for the visible card, count the shared-memory atomics in its machine
+# code (when cuobjdump is there), run the CUDA tests and a few CPU smoke tests, the
 # CUDA benchmark of the scan, an Nsight Compute profile of the kernels (when ncu is there),
 # the model benchmark, then times build variants of the kernels. About 6–7 minutes;
 # every stage runs under `timeout` inside one overall budget, so one hang cannot eat the
@@ -103,6 +104,15 @@ sys.exit(0 if i["cuda"] else 1)' 2>&1 | tee -a "$SUMMARY"; then
   log "the build has no CUDA kernels (or does not import): stopping"
   printf '%s\n' "${ROWS[@]}"
   exit 1
+fi
+
+# ---------------------------------------------------------------------------- machine code
+# What the shared-memory atomics of the kernels compile to (docs/kernels.md takes a float
+# atomic add to shared memory to be a compare-and-swap loop; this checks it): the forms of
+# ATOMS in the built extension's SASS, counted, on one line.
+if command -v cuobjdump >/dev/null; then
+  run_stage sass 30 "${TMPDIR:-/tmp}/sass.log" bash -c \
+    'cuobjdump --dump-sass coupled_mamba_ext/_C*.so | grep -oE "ATOMS(\.[A-Z0-9]+)*" | sort | uniq -c | tr -s " \n" " "; echo'
 fi
 
 # ---------------------------------------------------------------------------- tests
