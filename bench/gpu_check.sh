@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One-shot GPU check on a bare machine with torch, nvcc and pytest but no network: build the
 # extension in place for the visible card, count the shared-memory atomics in its machine
-# code (when cuobjdump is there), run the CUDA tests and a few CPU smoke tests, the
-# CUDA benchmark of the scan, an Nsight Compute profile of the kernels (when ncu is there),
-# the model benchmark, then times build variants of the kernels. About 6–7 minutes;
+# code (when cuobjdump is there), run the CUDA tests and a few CPU smoke tests, the CUDA
+# benchmark of the scan, an Nsight Compute profile of the kernels (when ncu is there),
+# memcheck and racecheck on small shapes (when compute-sanitizer is there), the model
+# benchmark, then times build variants of the kernels. About 7–8 minutes;
 # every stage runs under `timeout` inside one overall budget, so one hang cannot eat the
 # rest. A short summary table is printed last.
 #
 #   bash bench/gpu_check.sh                 # from anywhere; logs in $OUT, else ./gpu_out
 #
 # Environment: OUT (log folder), GPU_CHECK_BUDGET (seconds for everything, default 480),
+# GPU_CHECK_SKIP_SANITIZER=1 (no compute-sanitizer runs),
 # GPU_CHECK_PYTEST_ARGS (default "-x -q -rs": stop at the first CUDA failure),
 # GPU_CHECK_VARIANTS (build variants of the kernels to time, see "tuning" below),
 # GPU_CHECK_SKIP_MODEL=1 (no model benchmark), GPU_CHECK_SKIP_NCU=1 (no profile).
@@ -135,6 +137,19 @@ if command -v ncu >/dev/null && [[ -z ${GPU_CHECK_SKIP_NCU:-} ]]; then
     --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis_Tables \
     python3 bench/profile_scan.py --case a
 fi
+# Out-of-bounds accesses and shared-memory races, small shapes, both mappings
+# (after the benchmarks: the sanitizers slow everything down, and a tight budget skips them).
+if command -v compute-sanitizer >/dev/null && [[ -z ${GPU_CHECK_SKIP_SANITIZER:-} ]]; then
+  for tool in memcheck racecheck; do
+    tlog="${TMPDIR:-/tmp}/$tool.log"
+    # Only 8 files come back from $OUT: on a failure the first reports go to the summary.
+    if ! run_stage "$tool" 90 "$tlog" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+        python3 bench/sanitize_scan.py; then
+      grep -m 12 -E "^========= [A-Z]" "$tlog" | tee -a "$SUMMARY"
+    fi
+  done
+fi
+
 if [[ -z ${GPU_CHECK_SKIP_MODEL:-} ]]; then
   # Its log and figures stay behind (only 8 files come back from $OUT); the JSON has it all.
   run_stage bench-model 120 "${TMPDIR:-/tmp}/bench_model.log" python3 bench/bench_model.py \
