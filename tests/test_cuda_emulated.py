@@ -195,3 +195,24 @@ def test_emulated_backward_matches_reference(emulator, tmp_path, shape, options,
             continue  # the default coupling is not an input
         else:
             assert_rel_close(got[key], expected, GRAD_TOL[torch.float32], key)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_emulated_state_lanes_backward_low_precision_inputs(emulator, tmp_path, dtype):
+    """The input-dtype conversions of the backward's loads and stores (u, delta, z, dy in;
+    du, ddelta, dz out)."""
+    shape = (3, 2, 40, 70, 16)
+    inputs = make_scan_inputs(*shape, dtype=dtype, seed=11)
+    M, batch, dim, L, N = shape
+    g = torch.Generator().manual_seed(3)
+    dy = torch.randn(M, batch, dim, L, generator=g, dtype=torch.float64).to(dtype)
+    dfinal = torch.randn(batch, dim, N, generator=g, dtype=torch.float64).float()
+    got = run_emulated(emulator, tmp_path, "bwd", "state_lanes", inputs, dtype,
+                       flags_of(inputs, dfinal, False), dy=dy, dfinal=dfinal)
+    assert "backward: state_lanes" in got["log"]
+    ref = scan_with_grads(coupled_scan_ref, to_reference(inputs), dy.double(), dfinal.double())
+    for key, expected in ref.items():
+        tol = (FWD_TOL if key in ("y", "final_state") else GRAD_TOL)[dtype]
+        if key == "final_state":
+            tol = FWD_TOL[torch.float32]  # accumulated in fp32 whatever the input
+        assert_rel_close(got[key], expected, tol, key)
