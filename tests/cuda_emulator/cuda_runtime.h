@@ -12,6 +12,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -37,11 +39,12 @@ constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 // The emulated device: shared memory per block as on an H100 / H200 (227 KB with opt-in).
+constexpr int kEmulatedMaxSmemBytes = 227 * 1024;
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 inline cudaError_t cudaGetDevice(int* device) { *device = 0; return cudaSuccess; }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
-  *value = 227 * 1024;
+  *value = kEmulatedMaxSmemBytes;
   return cudaSuccess;
 }
 template <typename Kernel>
@@ -142,6 +145,12 @@ struct Launch {
   template <typename Kernel>
   auto of(Kernel kernel) {
     return [=, *this](auto... args) {
+      // What a real launch would refuse, refused loudly.
+      if (threads < 1 || threads > 1024 || smem_bytes > static_cast<size_t>(kEmulatedMaxSmemBytes)) {
+        std::fprintf(stderr, "cuda_emu: launch of %d threads with %zu bytes of shared memory\n",
+                     threads, smem_bytes);
+        std::abort();
+      }
       for (int64_t bx = 0; bx < grid; ++bx) {
         Block block(threads, smem_bytes);
         std::vector<std::thread> pool;
