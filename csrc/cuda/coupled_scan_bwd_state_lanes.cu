@@ -139,7 +139,7 @@ __device__ void stage_bwd_steps(const BwdLanePlan& pl, float* stage, const ScanB
 }
 
 // Adds this step's dB and dC contributions of the warp's rows into the shared accumulator
-// `acc` ([B|C][Np] of one modality and step). v holds this lane's (its row's) values: dB of
+// `acc` (one modality of one step, laid out as the B/C stage: bc_at). v holds this lane's (its row's) values: dB of
 // its kStates states, then dC. The lanes holding the same states of the warp's other rows
 // are lane ^ o for o = Rw, 2·Rw, ..., 16. Each round pairs such lanes: one keeps the lower
 // half of the values, the other the upper half, and adds the partner's half it keeps; once
@@ -184,7 +184,7 @@ __device__ __forceinline__ void add_over_rows(float (&v)[2 * kStates], float* ac
     const int x = first + j;
     const bool is_C = x >= kStates;
     const int n = at.state(g, is_C ? x - kStates : x);
-    acc[(is_C ? g.Np : 0) + n] += v[j];
+    acc[bc_at(g, 0, is_C) + n] += v[j];  // acc starts at the modality's B
   }
 }
 
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
 #pragma unroll
       for (int q = 0; q < kQuads; ++q) {
         float Bq[4];
-        load4(bc + 2 * m * g.Np + 4 * q * g.R, Bq);
+        load_quad(bc, g, m, false, q, Bq);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int k = 4 * q + i;
@@ -316,8 +316,8 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
 #pragma unroll
           for (int q = 0; q < kQuads; ++q) {
             float Bq[4], Cq[4];
-            load4(bc + 2 * m * g.Np + 4 * q * g.R, Bq);
-            load4(bc + (2 * m + 1) * g.Np + 4 * q * g.R, Cq);
+            load_quad(bc, g, m, false, q, Bq);
+            load_quad(bc, g, m, true, q, Cq);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
               const int k = 4 * q + i;
@@ -336,7 +336,7 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
               dw_sum[m] += lambda[k] * h;
             }
           }
-          add_over_rows<kStates>(dBC, acc_dBC + t * g.bc_stride + 2 * m * g.Np, g, at);
+          add_over_rows<kStates>(dBC, acc_dBC + t * g.bc_stride + bc_at(g, m, false), g, at);
           sum_A_x = row_sum(sum_A_x, g.Rw);
           sum_mu_B = row_sum(sum_mu_B, g.Rw);
           if ((at.r & (g.Rw - 1)) == 0)
@@ -385,7 +385,7 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
       for (int j = threadIdx.x; j < 2 * M * g.Np * kSeg; j += blockDim.x) {
         const int t = j & (kSeg - 1), rest = j >> g.log2_T;
         const int n = rest & (g.Np - 1), mb = rest >> g.log2_Np;
-        float* acc = acc_dBC + t * g.bc_stride + mb * g.Np + n;
+        float* acc = acc_dBC + t * g.bc_stride + bc_at(g, mb >> 1, mb & 1) + n;
         const float v = *acc;
         *acc = 0.f;
         if (v != 0.f && n < N && t < steps)

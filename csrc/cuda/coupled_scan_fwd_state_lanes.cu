@@ -133,8 +133,8 @@ __global__ void __launch_bounds__(kFwdLaneThreads, COUPLED_MAMBA_FWD_LANE_MIN_BL
 #pragma unroll
         for (int q = 0; q < kQuads; ++q) {
           float Bq[4], Cq[4];
-          load4(bc + 2 * m * g.Np + 4 * q * g.R, Bq);
-          load4(bc + (2 * m + 1) * g.Np + 4 * q * g.R, Cq);
+          load_quad(bc, g, m, false, q, Bq);
+          load_quad(bc, g, m, true, q, Cq);
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const int k = 4 * q + i;

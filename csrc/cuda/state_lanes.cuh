@@ -96,6 +96,25 @@ struct LanePlace {
   }
 };
 
+// The four 16-byte-aligned floats at `at` in shared memory, as an array.
+__device__ __forceinline__ void load4(const float* at, float (&out)[4]) {
+  const float4 v = *reinterpret_cast<const float4*>(at);
+  out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+}
+
+// Where modality m's B (is_C false) or C values start within one staged step of the B/C
+// stage ([m][B|C][n]; stage_bc fills it, the dB/dC accumulator has the same layout).
+__device__ __forceinline__ int bc_at(const LaneGeometry& g, int m, bool is_C) {
+  return (2 * m + (is_C ? 1 : 0)) * g.Np;
+}
+
+// A lane's q-th group of 4 states (n = 4·(q·R + r) + i) of modality m's B or C in the staged
+// step `step` (the step's start, already offset by the lane's 4·r).
+__device__ __forceinline__ void load_quad(const float* step, const LaneGeometry& g, int m,
+                                          bool is_C, int q, float (&out)[4]) {
+  load4(step + bc_at(g, m, is_C) + 4 * q * g.R, out);
+}
+
 // A·log2(e) for the lane's states: in registers for up to 4 modalities; with more, read
 // from global memory (L1) where used, since 16·kStates registers would spill.
 template <int kMaxM, int kStates>
@@ -156,7 +175,7 @@ __device__ void stage_bc(const LaneGeometry& g, float* stage, const TensorArg& B
       v[i] = 0.f;
       at[i] = -1;
       if (j < total) {
-        at[i] = t * g.bc_stride + mb * g.Np + n;
+        at[i] = t * g.bc_stride + bc_at(g, m, mb & 1) + n;
         if (n < N && t0 + t < L)
           v[i] = to_float(__ldg(static_cast<const input_t*>(x.data) + m * x.stride[0] +
                                 b * x.stride[1] + n * x.stride[2] + (t0 + t) * x.stride[3]));
@@ -174,12 +193,6 @@ __device__ __forceinline__ float load_input(const TensorArg& x, int m, int64_t b
                                             int64_t t) {
   return to_float(__ldg(static_cast<const input_t*>(x.data) + m * x.stride[0] +
                         b * x.stride[1] + e * x.stride[2] + t * x.stride[3]));
-}
-
-// The four 16-byte-aligned floats at `at` in shared memory, as an array.
-__device__ __forceinline__ void load4(const float* at, float (&out)[4]) {
-  const float4 v = *reinterpret_cast<const float4*>(at);
-  out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
 }
 
 }  // namespace coupled_mamba
