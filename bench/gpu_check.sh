@@ -4,7 +4,8 @@
 # code (when cuobjdump is there), run the CUDA tests and a few CPU smoke tests, the CUDA
 # benchmark of the scan, an Nsight Compute profile of the kernels (when ncu is there),
 # memcheck and racecheck on small shapes (when compute-sanitizer is there), the model
-# benchmark, then times build variants of the kernels. About 7–8 minutes;
+# benchmark, then the kernels of another commit (when given) and build variants, each timed
+# beside the current ones. About 7–8 minutes;
 # every stage runs under `timeout` inside one overall budget, so one hang cannot eat the
 # rest. A short summary table is printed last.
 #
@@ -14,7 +15,11 @@
 # GPU_CHECK_SKIP_SANITIZER=1 (no compute-sanitizer runs),
 # GPU_CHECK_PYTEST_ARGS (default "-x -q -rs": stop at the first CUDA failure),
 # GPU_CHECK_VARIANTS (build variants of the kernels to time, see "tuning" below),
-# GPU_CHECK_SKIP_MODEL=1 (no model benchmark), GPU_CHECK_SKIP_NCU=1 (no profile).
+# GPU_CHECK_SKIP_MODEL=1 (no model benchmark), GPU_CHECK_SKIP_NCU=1 (no profile),
+# GPU_CHECK_BASELINE (a source tree of another commit to build and time, default
+# ./gpu_baseline when it exists; make it with
+#   rm -rf gpu_baseline && mkdir gpu_baseline && git archive COMMIT | tar -x -C gpu_baseline
+# and carry it to the device: it is git-ignored).
 # At most 8 files are written to $OUT (the device tool returns no more).
 set -u
 cd "$(dirname "$0")/.."
@@ -156,13 +161,29 @@ if [[ -z ${GPU_CHECK_SKIP_MODEL:-} ]]; then
     --device cuda --json "$OUT/bench_model.json" --out "${TMPDIR:-/tmp}/bench_model_out"
 fi
 
+# ---------------------------------------------------------------------------- baseline
+# Another commit's kernels, built in their own tree and timed in this run, so that a kernel
+# change is measured against its predecessor on the same card (bf16, no reference loop).
+BASELINE=${GPU_CHECK_BASELINE:-}
+[[ -z $BASELINE && -f gpu_baseline/setup.py ]] && BASELINE=gpu_baseline
+BASELINE_TABLE=""
+if [[ -n $BASELINE ]]; then
+  blog="${TMPDIR:-/tmp}/baseline.log"
+  if run_stage baseline 150 "$blog" bash -c "cd '$BASELINE' && FORCE_CUDA=1 python3 setup.py \
+      build_ext --inplace >/dev/null && PYTHONPATH=. python3 bench/bench_scan.py --device cuda \
+      --dtype bfloat16 --no-reference"; then
+    BASELINE_TABLE=$'\n'"baseline ${BASELINE}:"$'\n'
+    BASELINE_TABLE+=$(sed -n '/^shape /,/^copy bandwidth/p' "$blog")$'\n'
+  fi
+fi
+
 # ---------------------------------------------------------------------------- tuning
 # Build-time knobs of the kernels (macros; see the .cu files): each variant, a comma-separated
 # list of NAME=VALUE, is rebuilt (NVCC_APPEND_FLAGS) and timed alone (bf16, no reference:
 # state and time lanes side by side); its table goes to the summary. Last, because the
 # in-place build is then the last variant's. The default times the state-lanes forward with
-# at least 3 blocks per multiprocessor (80 registers: 50 % more resident warps; about 76
-# bytes spilled with 8 states per lane) against the measured 2. GPU_CHECK_VARIANTS=""
+# at least 3 blocks per multiprocessor (80 registers: 50 % more resident warps; 4 and 68
+# bytes spilled with 4 and 8 states per lane) against the default 2. GPU_CHECK_VARIANTS=""
 # skips this; e.g. "COUPLED_MAMBA_BWD_THREADS=128,COUPLED_MAMBA_BWD_MIN_BLOCKS=3" times the
 # time-lanes backward's block shape.
 VARIANT_TABLES=""
@@ -186,6 +207,7 @@ done
     sed -n '/^coupled_mamba_ext .*load average/,$p' "$OUT/bench_scan.log"
     echo
   fi
+  [[ -n $BASELINE_TABLE ]] && echo "$BASELINE_TABLE"
   [[ -n $VARIANT_TABLES ]] && echo "$VARIANT_TABLES"
   echo "gpu_check: $(date '+%F %T'), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), archs $TORCH_CUDA_ARCH_LIST, logs in $OUT"
   printf '%-14s %-8s %6s  %s\n' stage status time note

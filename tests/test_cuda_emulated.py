@@ -48,8 +48,11 @@ def emulator(tmp_path_factory):
     return binary
 
 
-def run_emulated(binary, tmp_path, mode, mapping, inputs, dtype, flags, dy=None, dfinal=None):
-    """Writes the inputs, runs the emulated kernels, returns their outputs as float64 tensors."""
+def run_emulated(binary, tmp_path, mode, mapping, inputs, dtype, flags, dy=None, dfinal=None,
+                 smem_kb=None):
+    """Writes the inputs, runs the emulated kernels, returns their outputs as float64 tensors
+    and the emulator's log. ``smem_kb=(per_multiprocessor, per_block)`` emulates a device with
+    that much shared memory (default: an H100 / H200's 228 and 227 KB)."""
     M, batch, dim, L = inputs["u"].shape
     N = inputs["A"].shape[-1]
     for name, x in list(inputs.items()) + [("dy", dy), ("dfinal_state", dfinal)]:
@@ -59,7 +62,9 @@ def run_emulated(binary, tmp_path, mode, mapping, inputs, dtype, flags, dy=None,
         torch.full((M,), 1.0 / M).numpy().astype(np.float32).tofile(tmp_path / "coupling.f32")
     run = subprocess.run([str(binary), mode, mapping, DTYPE_NAMES[dtype], str(M), str(batch),
                           str(dim), str(L), str(N), flags or "-", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, CUDA_EMU_SMEM_KB=",".join(map(str, smem_kb)))
+                         if smem_kb else None)
     assert run.returncode == 0, run.stdout + run.stderr
 
     def out(name, *shape):
@@ -135,6 +140,34 @@ def test_emulated_state_lanes_forward_matches_reference(emulator, tmp_path, shap
                      FWD_TOL[torch.float32], "chunk states")
 
 
+def launched_smem_bytes(log):
+    """The shared memory of each launch in the emulator's log."""
+    return [int(line.split(", ")[1].split()[0]) for line in log.splitlines()
+            if line.startswith("launch:")]
+
+
+@pytest.mark.parametrize("smem_kb,expect", [((228, 227), "opt-in"), ((64, 64), "small")],
+                         ids=["h100-smem", "64kb-smem"])
+def test_emulated_state_lanes_forward_tiles_follow_device_smem(emulator, tmp_path, smem_kb,
+                                                                expect):
+    """The forward's tile is as long as two blocks per multiprocessor of the device allow:
+    past the default 48 KB (which needs the launch's opt-in) on an H100-like device, within
+    a 64 KB device's 31 KB share; the same results either way."""
+    shape = (3, 2, 40, 70, 16)
+    inputs = make_scan_inputs(*shape, seed=5)
+    got = run_emulated(emulator, tmp_path, "fwd", "state_lanes", inputs, torch.float32,
+                       flags_of(inputs, None, False), smem_kb=smem_kb)
+    (smem,) = launched_smem_bytes(got["log"])
+    if expect == "opt-in":
+        assert smem > 48 * 1024
+    else:
+        assert smem <= (smem_kb[0] // 2 - 1) * 1024
+    ref_inputs = to_reference(inputs)
+    y, final = coupled_scan_ref(**ref_inputs, return_final_state=True)
+    assert_rel_close(got["y"], y, FWD_TOL[torch.float32], "y")
+    assert_rel_close(got["final_state"], final, FWD_TOL[torch.float32], "final state")
+
+
 @pytest.mark.parametrize("shape,options,time_major", FORWARD_CASES[:3] + FORWARD_CASES[4:])
 def test_emulated_time_lanes_forward_matches_reference(emulator, tmp_path, shape, options,
                                                        time_major):
@@ -195,6 +228,23 @@ def test_emulated_backward_matches_reference(emulator, tmp_path, shape, options,
             continue  # the default coupling is not an input
         else:
             assert_rel_close(got[key], expected, GRAD_TOL[torch.float32], key)
+
+
+def test_emulated_backward_falls_back_where_its_smem_does_not_fit(emulator, tmp_path):
+    """On a device whose blocks get less shared memory than the state-lanes backward needs
+    (89 KB at M = 3, N = 64; here 64 KB), the time-lanes backward runs, and is right."""
+    shape = (3, 1, 16, 20, 64)
+    inputs = make_scan_inputs(*shape, seed=9)
+    M, batch, dim, L, N = shape
+    g = torch.Generator().manual_seed(2)
+    dy = torch.randn(M, batch, dim, L, generator=g, dtype=torch.float64).float()
+    got = run_emulated(emulator, tmp_path, "bwd", "state_lanes", inputs, torch.float32,
+                       flags_of(inputs, None, False), dy=dy, smem_kb=(64, 64))
+    assert "backward: time_lanes" in got["log"]
+    ref = scan_with_grads(coupled_scan_ref, to_reference(inputs), dy.double(), None)
+    for key, expected in ref.items():
+        tol = (FWD_TOL if key in ("y", "final_state") else GRAD_TOL)[torch.float32]
+        assert_rel_close(got[key], expected, tol, key)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -350,17 +350,18 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
       __syncthreads();  // sums and dB, dC of the segment are complete
 
       // dΔ = Σ A·μ·a·G + u·Σ μ·B, du = Δ·Σ μ·B + dŷ·D, dδ, per (modality, row), t in turn;
-      // dD and dΔ-bias summed per (modality, row), each pair always the same thread's.
+      // dD and dΔ-bias summed per (modality, row), each pair always the same thread's. Only
+      // shared memory is read: dΔ/dδ comes from Δ itself. (dδ, du) replace (Δ, Δu) in the
+      // step stage, to be written out along t below.
       for (int pair = threadIdx.x; pair < M * g.rows; pair += blockDim.x) {
         const int m = pair >> g.log2_rows;
         const int64_t e = at.e_first + (pair & (g.rows - 1));
         if (e >= s.dim) continue;
         const float D = p.D.present() ? load_param(p.D, m, e) : 0.f;
-        const float bias = p.delta_bias.present() ? load_param(p.delta_bias, m, e) : 0.f;
-        const int64_t out = ((m * s.batch + at.b) * s.dim + e) * L + t0;
         float dD = 0.f, dbias = 0.f;
         for (int t = 0; t < steps; ++t) {
-          const float4 v = *reinterpret_cast<const float4*>(stage_st + t * pl.st_stride + 4 * pair);
+          float* slot = stage_st + t * pl.st_stride + 4 * pair;
+          const float4 v = *reinterpret_cast<const float4*>(slot);
           float2 sum = make_float2(0.f, 0.f);
           for (int sw = 0; sw < g.Ws; ++sw) {
             const float2 part =
@@ -368,10 +369,8 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
             sum.x += part.x, sum.y += part.y;
           }
           const float d_step = kLn2 * sum.x + v.w * sum.y;
-          const float raw = load_input<input_t>(p.delta, m, at.b, e, t0 + t);
-          const float d_raw = step_size_grad(d_step, raw, bias, p.delta_softplus);
-          static_cast<input_t*>(p.ddelta)[out + t] = from_float<input_t>(d_raw);
-          static_cast<input_t*>(p.du)[out + t] = from_float<input_t>(v.x * sum.y + v.z * D);
+          const float d_raw = step_size_grad_from_step(d_step, v.x, p.delta_softplus);
+          *reinterpret_cast<float2*>(slot) = make_float2(d_raw, v.x * sum.y + v.z * D);
           dD += v.z * v.w;
           dbias += d_raw;
         }
@@ -392,6 +391,19 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
           atomicAdd(((mb & 1) ? dC : dB) + (mb >> 1) * p.dBC_stride[0] +
                         at.b * p.dBC_stride[1] + n * p.dBC_stride[2] + (t0 + t) * p.dBC_stride[3],
                     v);
+      }
+      __syncthreads();  // (dδ, du) of the segment are in the step stage
+
+      // dδ and du of the segment, t fastest: consecutive threads write consecutive steps.
+      for (int j = threadIdx.x; j < M * g.rows * kSeg; j += blockDim.x) {
+        const int t = j & (kSeg - 1), pair = j >> g.log2_T;
+        const int m = pair >> g.log2_rows;
+        const int64_t e = at.e_first + (pair & (g.rows - 1));
+        if (t >= steps || e >= s.dim) continue;
+        const float2 d = *reinterpret_cast<const float2*>(stage_st + t * pl.st_stride + 4 * pair);
+        const int64_t out = ((m * s.batch + at.b) * s.dim + e) * L + t0 + t;
+        static_cast<input_t*>(p.ddelta)[out] = from_float<input_t>(d.x);
+        static_cast<input_t*>(p.du)[out] = from_float<input_t>(d.y);
       }
     }
   }

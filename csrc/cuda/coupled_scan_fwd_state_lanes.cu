@@ -9,9 +9,12 @@
 // of step maps and no padding of the sequence to a whole tile.
 //
 // Per tile of T steps the block stages B and C (state_lanes.cuh) and, per row and step,
-// Δ = softplus(δ + β) and Δ·u, computed once there rather than once per lane. The row sums ŷ
-// go to shared memory and are gated and written, coalesced along t, at the end of the tile.
-// The coupled state is saved at every chunk start for backward, and at the end.
+// Δ = softplus(δ + β), Δ·u, D·u and silu(z), computed once there rather than once per lane;
+// every global load of the tile is issued there, in batches. The lanes add the row sums of
+// C·h to the staged D·u; at the end of the tile the results are gated and written, coalesced
+// along t. The coupled state is saved at every chunk start for backward, and at the end.
+// The tile is as long (up to a chunk) as the shared memory two blocks per multiprocessor
+// may take on the device at hand allows.
 #include "coupled_scan_cuda.h"
 #include "state_lanes.cuh"
 
@@ -21,8 +24,9 @@ namespace {
 constexpr int kFwdLaneThreads = 256;
 // Minimum resident blocks per multiprocessor, a build-time knob (NVCC_APPEND_FLAGS=
 // "-DCOUPLED_MAMBA_FWD_LANE_MIN_BLOCKS=3"; bench/gpu_check.sh times it): 2 caps a thread at
-// 128 registers (it takes 120–123, no spill: the measured default), 3 at 80 (no spill with 4
-// states per lane, 76 bytes with 8; not yet measured).
+// 128 registers (it takes 96 with 4 states per lane, 128 with 8, no spill), 3 at 80 (4 and
+// 68 bytes spilled; not yet measured). The tile's shared memory is sized to let as many
+// blocks share a multiprocessor.
 #ifndef COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS
 #define COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS 2
 #endif
@@ -30,42 +34,53 @@ constexpr int kFwdLaneThreads = 256;
 struct FwdLanePlan {
   LaneGeometry g;
   int dd_stride;  // floats per step of the (Δ, Δu) stage: 2·M·rows + 2
-  int y_stride;   // floats per step of the ŷ stage: M·rows, made odd
+  int y_stride;   // floats per step of the ŷ and gate stages: M·rows, made odd
+  bool gated;     // z present: a gate stage (silu(z)) follows the ŷ stage
   size_t smem_bytes;
 };
 
-// Fills the (Δ, Δ·u) stage: stage[t·dd_stride + 2·(m·rows + row) + {0, 1}]. Rows past dim
-// and steps past L read as (0, 0), which leaves a state unchanged (a = 1, b = 0).
+// Fills, for (modality m, row, step t) of the tile starting at t0:
+//   stage_dd[t·dd_stride + 2·(m·rows + row) + {0, 1}] = (Δ, Δ·u),
+//   stage_y[t·y_stride + m·rows + row] = D·u (the lanes add Σ_n C·h to it),
+//   stage_gate[t·y_stride + m·rows + row] = silu(z) when gated.
+// Rows past dim and steps past L stage zeros: Δ = 0 leaves a state unchanged (a = 1, b = 0).
 template <typename input_t>
-__device__ void stage_steps(const FwdLanePlan& pl, float* stage, const ScanFwdParams& p, int M,
-                            int64_t b, int64_t e_first, int64_t t0) {
+__device__ void stage_steps(const FwdLanePlan& pl, float* stage_dd, float* stage_y,
+                            float* stage_gate, const ScanFwdParams& p, int M, int64_t b,
+                            int64_t e_first, int64_t t0) {
+  constexpr int kBatch = 4;  // three loads each (δ, u, z): 12 in flight per thread
   const LaneGeometry& g = pl.g;
   const int64_t dim = p.shape.dim, L = p.shape.seqlen;
   const int total = M * g.rows * g.T;
-  for (int first = threadIdx.x; first < total; first += kStageBatch * blockDim.x) {
-    float raw[kStageBatch], u[kStageBatch], bias[kStageBatch];
-    int at[kStageBatch];
-    bool real[kStageBatch];
+  for (int first = threadIdx.x; first < total; first += kBatch * blockDim.x) {
+    float raw[kBatch], u[kBatch], z[kBatch], bias[kBatch], D[kBatch];
+    bool real[kBatch];
 #pragma unroll
-    for (int i = 0; i < kStageBatch; ++i) {
+    for (int i = 0; i < kBatch; ++i) {
       const int j = first + i * blockDim.x;
       const int t = j & (g.T - 1), mr = j >> g.log2_T;
       const int m = mr >> g.log2_rows;
       const int64_t e = e_first + (mr & (g.rows - 1));
-      raw[i] = u[i] = bias[i] = 0.f;
-      at[i] = j < total ? t * pl.dd_stride + 2 * mr : -1;
+      raw[i] = u[i] = z[i] = bias[i] = D[i] = 0.f;
       real[i] = j < total && e < dim && t0 + t < L;
       if (real[i]) {
         raw[i] = load_input<input_t>(p.delta, m, b, e, t0 + t);
         u[i] = load_input<input_t>(p.u, m, b, e, t0 + t);
+        if (pl.gated) z[i] = load_input<input_t>(p.z, m, b, e, t0 + t);
         if (p.delta_bias.present()) bias[i] = load_param(p.delta_bias, m, e);
+        if (p.D.present()) D[i] = load_param(p.D, m, e);
       }
     }
 #pragma unroll
-    for (int i = 0; i < kStageBatch; ++i) {
-      if (at[i] < 0) continue;
+    for (int i = 0; i < kBatch; ++i) {
+      const int j = first + i * blockDim.x;
+      if (j >= total) continue;
+      const int t = j & (g.T - 1), mr = j >> g.log2_T;
       const float step = real[i] ? step_size(raw[i], bias[i], p.delta_softplus) : 0.f;
-      *reinterpret_cast<float2*>(stage + at[i]) = make_float2(step, step * u[i]);
+      *reinterpret_cast<float2*>(stage_dd + t * pl.dd_stride + 2 * mr) =
+          make_float2(step, step * u[i]);
+      stage_y[t * pl.y_stride + mr] = D[i] * u[i];
+      if (pl.gated) stage_gate[t * pl.y_stride + mr] = real[i] ? silu(z[i]) : 0.f;
     }
   }
 }
@@ -81,11 +96,13 @@ __global__ void __launch_bounds__(kFwdLaneThreads, COUPLED_MAMBA_FWD_LANE_MIN_BL
   const int64_t N = s.dstate, L = s.seqlen;
   const LanePlace at(g, s.dim);
 
-  // Shared memory: [T][bc_stride] B and C, [T][dd_stride] (Δ, Δu), [T][y_stride] ŷ sums.
+  // Shared memory: [T][bc_stride] B and C, [T][dd_stride] (Δ, Δu), [T][y_stride] ŷ (D·u
+  // plus the row sums), [T][y_stride] silu(z) when gated.
   CM_DYNAMIC_SMEM(float4, smem_f4);  // float4: the 16-byte loads need that alignment
   float* stage_BC = reinterpret_cast<float*>(smem_f4);
   float* stage_dd = stage_BC + g.T * g.bc_stride;
   float* stage_y = stage_dd + g.T * pl.dd_stride;
+  float* stage_gate = stage_y + g.T * pl.y_stride;
 
   float w[kMaxM];
 #pragma unroll
@@ -107,7 +124,7 @@ __global__ void __launch_bounds__(kFwdLaneThreads, COUPLED_MAMBA_FWD_LANE_MIN_BL
     const int steps = static_cast<int>(min(static_cast<int64_t>(g.T), L - t0));
     __syncthreads();  // the previous tile's stages are read
     stage_bc<input_t>(g, stage_BC, p.B, p.C, M, at.b, N, t0, L);
-    stage_steps<input_t>(pl, stage_dd, p, M, at.b, at.e_first, t0);
+    stage_steps<input_t>(pl, stage_dd, stage_y, stage_gate, p, M, at.b, at.e_first, t0);
     __syncthreads();
 
     for (int t = 0; t < steps; ++t) {
@@ -145,27 +162,25 @@ __global__ void __launch_bounds__(kFwdLaneThreads, COUPLED_MAMBA_FWD_LANE_MIN_BL
           }
         }
         y_part = row_sum(y_part, g.Rw);  // Rw == R: a row is inside one warp
-        if (at.r == 0) stage_y[t * pl.y_stride + m * g.rows + at.row] = y_part;
+        if (at.r == 0) stage_y[t * pl.y_stride + m * g.rows + at.row] += y_part;
       }
 #pragma unroll
       for (int k = 0; k < kStates; ++k) G[k] = G_next[k];
     }
-    __syncthreads();  // the tile's ŷ sums are in stage_y
+    __syncthreads();  // the tile's ŷ are complete in stage_y
 
-    // y = (ŷ + D·u)·silu(z) for (m, row, t) of the tile, t fastest (coalesced).
+    // y = ŷ·silu(z) for (m, row, t) of the tile, t fastest (coalesced); shared memory only.
     const int total = M * g.rows * g.T;
     for (int j = threadIdx.x; j < total; j += blockDim.x) {
       const int t = j & (g.T - 1), mr = j >> g.log2_T;
       const int m = mr >> g.log2_rows;
       const int64_t e = at.e_first + (mr & (g.rows - 1)), step = t0 + t;
       if (t >= steps || e >= s.dim) continue;
-      float y = stage_y[t * pl.y_stride + mr];
-      if (p.D.present()) y += load_param(p.D, m, e) * load_input<input_t>(p.u, m, at.b, e, step);
+      const float y = stage_y[t * pl.y_stride + mr];
       const int64_t out = ((m * s.batch + at.b) * s.dim + e) * L + step;
-      if (p.z.present()) {
-        const float z = load_input<input_t>(p.z, m, at.b, e, step);
+      if (pl.gated) {
         static_cast<input_t*>(p.y_ungated)[out] = from_float<input_t>(y);
-        static_cast<input_t*>(p.y)[out] = from_float<input_t>(y * silu(z));
+        static_cast<input_t*>(p.y)[out] = from_float<input_t>(y * stage_gate[t * pl.y_stride + mr]);
       } else {
         static_cast<input_t*>(p.y)[out] = from_float<input_t>(y);
       }
@@ -192,17 +207,19 @@ inline int fwd_states_per_lane(const ScanShape& s) {
   return lanes_with_8 >= (int64_t{1} << 20) ? 8 : 4;
 }
 
-inline FwdLanePlan plan_fwd_lanes(const ScanShape& s, int k_states) {
+// The longest tile (a power of two, at most a chunk) whose stages fit in `smem_budget`
+// bytes; at least one step (with M = 16 and N = 256 a step takes 34 KB, gated).
+inline FwdLanePlan plan_fwd_lanes(const ScanShape& s, int k_states, bool gated, int smem_budget) {
   FwdLanePlan pl{};
   const int M = static_cast<int>(s.n_modalities);
   pl.g = lane_geometry(s, k_states, kFwdLaneThreads, 1, /*state_warps=*/1);
   pl.dd_stride = 2 * M * pl.g.rows + 2;
   pl.y_stride = (M * pl.g.rows) | 1;
-  // The longest tile (at most a chunk) whose stages fit the default shared-memory budget;
-  // with M = 16 and N = 256 one step alone takes 34 KB, so T >= 1 always fits.
-  const int64_t per_step = (pl.g.bc_stride + pl.dd_stride + pl.y_stride) * sizeof(float);
+  pl.gated = gated;
+  const int64_t per_step =
+      (pl.g.bc_stride + pl.dd_stride + pl.y_stride * (gated ? 2 : 1)) * sizeof(float);
   int T = kChunkLen;
-  while (T > 1 && T * per_step > kSmemBudgetBytes) T /= 2;
+  while (T > 1 && T * per_step > smem_budget) T /= 2;
   pl.g.T = T;
   pl.g.log2_T = log2_of(T);
   pl.smem_bytes = T * per_step;
@@ -211,10 +228,17 @@ inline FwdLanePlan plan_fwd_lanes(const ScanShape& s, int k_states) {
 
 template <typename input_t, int kMaxM, int kStates>
 cudaError_t launch_fwd_lanes(const ScanFwdParams& p, cudaStream_t stream) {
-  const FwdLanePlan pl = plan_fwd_lanes(p.shape, kStates);
+  const int budget =
+      smem_budget_per_block(device_smem_limits(), COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS);
+  const FwdLanePlan pl = plan_fwd_lanes(p.shape, kStates, p.z.present(), budget);
   if (pl.g.blocks == 0) return cudaSuccess;
-  CM_LAUNCH(pl.g.blocks, kFwdLaneThreads, pl.smem_bytes, stream,
-            coupled_scan_fwd_state_lanes_kernel<input_t, kMaxM, kStates>)(p, pl);
+  const auto kernel = coupled_scan_fwd_state_lanes_kernel<input_t, kMaxM, kStates>;
+  if (pl.smem_bytes > static_cast<size_t>(kSmemBudgetBytes)) {  // past the default: opt in
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(pl.smem_bytes));
+    if (err != cudaSuccess) return err;
+  }
+  CM_LAUNCH(pl.g.blocks, kFwdLaneThreads, pl.smem_bytes, stream, kernel)(p, pl);
   return cudaGetLastError();
 }
 

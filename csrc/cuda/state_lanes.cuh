@@ -71,6 +71,35 @@ inline LaneGeometry lane_geometry(const ScanShape& s, int k_states, int threads,
   return g;
 }
 
+// Shared memory of the current device, for sizing the kernels' stages at launch.
+struct SmemLimits {
+  int per_block;  // dynamic shared memory one block may opt in to
+  int per_sm;     // a multiprocessor's, of which each resident block also takes `reserved`
+  int reserved;
+};
+
+// Without an answer from the runtime: the default 48 KB a block gets without opting in.
+inline SmemLimits device_smem_limits() {
+  int device = 0;
+  SmemLimits l{kSmemBudgetBytes, kSmemBudgetBytes, 0};
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&l.per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+          cudaSuccess ||
+      cudaDeviceGetAttribute(&l.per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) !=
+          cudaSuccess ||
+      cudaDeviceGetAttribute(&l.reserved, cudaDevAttrReservedSharedMemoryPerBlock, device) !=
+          cudaSuccess)
+    return SmemLimits{kSmemBudgetBytes, kSmemBudgetBytes, 0};
+  return l;
+}
+
+// Dynamic shared memory a block may take so that `blocks_per_sm` of them fit on one
+// multiprocessor: 113 KB for 2 on an H100 / H200 (228 KB each), 81 KB on an A100 (164 KB).
+inline int smem_budget_per_block(const SmemLimits& l, int blocks_per_sm) {
+  const int share = l.per_sm / blocks_per_sm - l.reserved;
+  return share < l.per_block ? share : l.per_block;
+}
+
 // This thread's row and lane.
 struct LanePlace {
   int r;        // lane within the row, 0 .. R-1

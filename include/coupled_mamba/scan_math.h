@@ -37,6 +37,16 @@ CM_HOST_DEVICE T step_size_grad(T d_step, T delta_raw, T bias, bool use_softplus
   return use_softplus ? d_step * sigmoid(delta_raw + bias) : d_step;
 }
 
+// The same from Δ itself instead of δ + β: for Δ = softplus(x), σ(x) = 1 − e^(−Δ), formed as
+// −expm1(−Δ) to keep its precision where Δ is tiny. (Above softplus' threshold Δ = x > 20
+// and this is 1 in fp32, as torch's derivative there.) Lets a kernel that has staged Δ form
+// dδ without reading δ again.
+template <typename T>
+CM_HOST_DEVICE T step_size_grad_from_step(T d_step, T step, bool use_softplus) {
+  using std::expm1;
+  return use_softplus ? -d_step * expm1(-step) : d_step;
+}
+
 template <typename T>
 CM_HOST_DEVICE T silu(T x) {
   return x * sigmoid(x);

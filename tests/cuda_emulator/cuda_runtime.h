@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -37,17 +38,53 @@ using cudaStream_t = void*;
 constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-// The emulated device: shared memory per block as on an H100 / H200 (227 KB with opt-in).
-constexpr int kEmulatedMaxSmemBytes = 227 * 1024;
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
+// The emulated device's shared memory: as on an H100 / H200 by default (228 KB per
+// multiprocessor, 227 KB per block with opt-in, 1 KB of each block's reserved), or as set by
+// CUDA_EMU_SMEM_KB="PER_SM,PER_BLOCK" (tests emulate smaller devices with it). A launch
+// asking for more than the default 48 KB must have opted in (cudaFuncSetAttribute) first.
+enum cudaDeviceAttr {
+  cudaDevAttrMaxSharedMemoryPerBlockOptin,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+  cudaDevAttrReservedSharedMemoryPerBlock,
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+namespace cuda_emu {
+constexpr int kDefaultSmemBytes = 48 * 1024;
+struct SmemLimits {
+  int per_sm = 228 * 1024, per_block = 227 * 1024, reserved = 1024;
+};
+inline SmemLimits smem_limits() {
+  SmemLimits limits;
+  if (const char* kb = std::getenv("CUDA_EMU_SMEM_KB")) {
+    int per_sm = 0, per_block = 0;
+    if (std::sscanf(kb, "%d,%d", &per_sm, &per_block) != 2 || per_sm <= 0 || per_block <= 0) {
+      std::fprintf(stderr, "cuda_emu: CUDA_EMU_SMEM_KB expected 'PER_SM,PER_BLOCK', got '%s'\n", kb);
+      std::abort();
+    }
+    limits.per_sm = per_sm * 1024, limits.per_block = per_block * 1024;
+  }
+  return limits;
+}
+// Dynamic shared memory each kernel has opted in to (keyed by its address).
+inline std::map<const void*, int>& opt_ins() {
+  static std::map<const void*, int> sizes;
+  return sizes;
+}
+}  // namespace cuda_emu
 inline cudaError_t cudaGetDevice(int* device) { *device = 0; return cudaSuccess; }
-inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
-  *value = kEmulatedMaxSmemBytes;
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  const cuda_emu::SmemLimits limits = cuda_emu::smem_limits();
+  *value = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin     ? limits.per_block
+           : attr == cudaDevAttrMaxSharedMemoryPerMultiprocessor ? limits.per_sm
+                                                                 : limits.reserved;
   return cudaSuccess;
 }
 template <typename Kernel>
-cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) { return cudaSuccess; }
+cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute, int bytes) {
+  if (bytes > cuda_emu::smem_limits().per_block) return cudaErrorInvalidValue;
+  cuda_emu::opt_ins()[reinterpret_cast<const void*>(kernel)] = bytes;
+  return cudaSuccess;
+}
 inline const char* cudaGetErrorString(cudaError_t e) { return e ? "invalid value" : "no error"; }
 
 using std::max;
@@ -144,12 +181,20 @@ struct Launch {
   template <typename Kernel>
   auto of(Kernel kernel) {
     return [=, *this](auto... args) {
-      // What a real launch would refuse, refused loudly.
-      if (threads < 1 || threads > 1024 || smem_bytes > static_cast<size_t>(kEmulatedMaxSmemBytes)) {
-        std::fprintf(stderr, "cuda_emu: launch of %d threads with %zu bytes of shared memory\n",
-                     threads, smem_bytes);
+      // What a real launch would refuse, refused loudly: more than 1024 threads, more
+      // shared memory than the device gives a block, or more than 48 KB without opt-in.
+      const auto opted = opt_ins().find(reinterpret_cast<const void*>(kernel));
+      const size_t allowed = opted == opt_ins().end() ? kDefaultSmemBytes : opted->second;
+      if (threads < 1 || threads > 1024 || smem_bytes > allowed ||
+          smem_bytes > static_cast<size_t>(smem_limits().per_block)) {
+        std::fprintf(stderr, "cuda_emu: launch of %d threads with %zu bytes of shared memory "
+                     "(allowed: %zu)\n", threads, smem_bytes, allowed);
         std::abort();
       }
+      // On stdout, for tests that check which plan ran.
+      std::printf("launch: %lld blocks of %d threads, %zu bytes of shared memory\n",
+                  static_cast<long long>(grid), threads, smem_bytes);
+      std::fflush(stdout);
       for (int64_t bx = 0; bx < grid; ++bx) {
         Block block(threads, smem_bytes);
         std::vector<std::thread> pool;
