@@ -12,6 +12,7 @@
 #   bash bench/gpu_check.sh                 # from anywhere; logs in $OUT, else ./gpu_out
 #
 # Environment: OUT (log folder), GPU_CHECK_BUDGET (seconds for everything, default 480),
+# GPU_CHECK_NCU_CASES (benchmark cases to profile, default "a c"),
 # GPU_CHECK_SKIP_SANITIZER=1 (no compute-sanitizer runs),
 # GPU_CHECK_PYTEST_ARGS (default "-x -q -rs": stop at the first CUDA failure),
 # GPU_CHECK_VARIANTS (build variants of the kernels to time, see "tuning" below),
@@ -80,6 +81,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap,clocks.max.s
 python3 -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__,
 "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>&1 | tee -a "$SUMMARY"
 "$CUDA_HOME/bin/nvcc" --version | tail -2 | tee -a "$SUMMARY"
+# setuptools >= 77 reads an SPDX string as pyproject's `license`; older ones need the table.
+python3 -c 'import setuptools; print("setuptools", setuptools.__version__)' 2>&1 | tee -a "$SUMMARY"
 command -v ninja >/dev/null && log "ninja $(ninja --version)" || log "ninja: not found (slow build)"
 
 # The card's compute capability, e.g. "9.0" (nvidia-smi, else torch).
@@ -134,13 +137,16 @@ run_stage cpu-smoke 60 "$OUT/pytest_cpu.log" python3 -m pytest -q -m "not cuda" 
 # ---------------------------------------------------------------------------- benchmarks
 run_stage bench-scan 200 "$OUT/bench_scan.log" python3 bench/bench_scan.py --device cuda \
   --json "$OUT/bench_scan.json"
-# Nsight Compute on one forward and one backward launch at case (a), bf16: where the time
-# goes (throughput against the peaks, occupancy, what warps stall on).
+# Nsight Compute on one forward and one backward launch per case (GPU_CHECK_NCU_CASES,
+# default "a c": the short and the long regime), bf16: where the time goes (throughput
+# against the peaks, occupancy, what warps stall on). One log for all cases.
 if command -v ncu >/dev/null && [[ -z ${GPU_CHECK_SKIP_NCU:-} ]]; then
-  run_stage ncu 90 "$OUT/ncu.log" ncu -k regex:coupled_scan --launch-skip 2 --launch-count 2 \
-    --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
-    --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis_Tables \
-    python3 bench/profile_scan.py --case a
+  run_stage ncu 150 "$OUT/ncu.log" bash -c 'for case in '"${GPU_CHECK_NCU_CASES:-a c}"'; do
+    ncu -k regex:coupled_scan --launch-skip 2 --launch-count 2 --clock-control none \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section SchedulerStats --section MemoryWorkloadAnalysis_Tables \
+      python3 bench/profile_scan.py --case "$case" || exit 1
+  done'
 fi
 # Out-of-bounds accesses and shared-memory races, small shapes, both mappings
 # (after the benchmarks: the sanitizers slow everything down, and a tight budget skips them).
