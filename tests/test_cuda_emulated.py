@@ -247,6 +247,49 @@ def test_emulated_backward_falls_back_where_its_smem_does_not_fit(emulator, tmp_
         assert_rel_close(got[key], expected, tol, key)
 
 
+def test_emulated_fast_softplus_and_sigmoid_elementwise(emulator, tmp_path):
+    """The staging's softplus_fast and sigmoid_fast, element by element against float64,
+    over their whole range: the series below e^x = 1/16, the logarithm above, x past 20.
+    With the host's exp2, log2 and 1/x standing in for the device's approximations this
+    checks the formulas (a wrong series term is a relative error of 1e-4 and more); their
+    precision on a GPU is for tests/test_scan_cuda.py. Bound: 1e-6, plus e^x's error from
+    rounding x·log2(e) to fp32 before exp2, about 6e-8·|x|."""
+    x = torch.cat([torch.linspace(-60, 40, 20001), torch.tensor([-2.7726, -2.7725, 20.0, 20.001])])
+    x.numpy().astype(np.float32).tofile(tmp_path / "x.f32")
+    run = subprocess.run([str(emulator), "fastmath", str(x.numel()), str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    x64 = torch.from_numpy(np.fromfile(tmp_path / "x.f32", dtype=np.float32)).double()
+    for name, expected in (("softplus_fast", torch.nn.functional.softplus(x64)),
+                           ("sigmoid_fast", torch.sigmoid(x64))):
+        got = torch.from_numpy(np.fromfile(tmp_path / f"{name}.f32", dtype=np.float32)).double()
+        excess = (got - expected).abs() / expected.abs().clamp_min(1e-300) - 6e-8 * x64.abs()
+        worst = excess.argmax()
+        assert excess[worst] < 1e-6, (f"{name}({x64[worst].item():.4f}): relative error "
+                                      f"{excess[worst].item() + 6e-8 * x64[worst].abs().item():.2e}")
+
+
+def test_emulated_state_lanes_softplus_over_its_whole_range(emulator, tmp_path):
+    """δ + β from -30 to 25: every branch of the staging's softplus_fast (the series below
+    e^x = 1/16, the logarithm above, x itself past 20) and of dδ formed from Δ, forward and
+    backward against the float64 reference. (The emulator's exp2, log2 and 1/x are the
+    host's, more exact than the device's; tests/test_scan_cuda.py has the same check on a
+    GPU.)"""
+    shape = (2, 1, 24, 40, 16)
+    inputs = make_scan_inputs(*shape, seed=6)
+    g = torch.Generator().manual_seed(4)
+    inputs["delta"] = (torch.rand(shape[:4], generator=g, dtype=torch.float64) * 55 - 30).float()
+    M, batch, dim, L, N = shape
+    dy = torch.randn(M, batch, dim, L, generator=g, dtype=torch.float64).float()
+    got = run_emulated(emulator, tmp_path, "bwd", "state_lanes", inputs, torch.float32,
+                       flags_of(inputs, None, False), dy=dy)
+    assert "backward: state_lanes" in got["log"]
+    ref = scan_with_grads(coupled_scan_ref, to_reference(inputs), dy.double(), None)
+    for key, expected in ref.items():
+        tol = (FWD_TOL if key in ("y", "final_state") else GRAD_TOL)[torch.float32]
+        assert_rel_close(got[key], expected, tol, key)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_emulated_state_lanes_backward_low_precision_inputs(emulator, tmp_path, dtype):
     """The input-dtype conversions of the backward's loads and stores (u, delta, z, dy in;

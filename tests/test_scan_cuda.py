@@ -118,3 +118,23 @@ def test_cuda_kernels_choice_is_checked(monkeypatch):
     with pytest.raises(RuntimeError, match="COUPLED_MAMBA_CUDA_KERNELS expected 'state_lanes' "
                                            "or 'time_lanes', got 'fastest'"):
         coupled_selective_scan(**inputs)
+
+
+@pytest.mark.parametrize("mapping", ["state_lanes", "time_lanes"])
+def test_cuda_softplus_over_its_whole_range(mapping, monkeypatch):
+    """δ + β from -30 to 25: every branch of the state-lanes kernels' fast softplus (the
+    series below e^x = 1/16, lg2.approx above, x itself past 20) and of dδ formed from Δ,
+    forward and every gradient against the float64 reference, fp32."""
+    shape = (2, 2, 24, 130, 16)
+    inputs = make_scan_inputs(*shape, device="cuda", seed=3)
+    g = torch.Generator().manual_seed(4)
+    inputs["delta"] = (torch.rand(shape[:4], generator=g, dtype=torch.float64) * 55 - 30
+                       ).float().cuda()
+    M, batch, dim, L, N = shape
+    dy = torch.randn(M, batch, dim, L, generator=g, dtype=torch.float64)
+    monkeypatch.setenv("COUPLED_MAMBA_CUDA_KERNELS", mapping)
+    got = scan_with_grads(coupled_selective_scan, inputs, dy.float().cuda(), None)
+    ref = scan_with_grads(coupled_scan_ref, to_reference(inputs, "cuda"), dy.cuda(), None)
+    for key in ref:
+        tol = (FWD_TOL if key in ("y", "final_state") else GRAD_TOL)[torch.float32]
+        assert_rel_close(got[key], ref[key], tol, f"{key} {mapping} vs reference")

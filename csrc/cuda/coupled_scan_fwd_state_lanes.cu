@@ -76,11 +76,11 @@ __device__ void stage_steps(const FwdLanePlan& pl, float* stage_dd, float* stage
       const int j = first + i * blockDim.x;
       if (j >= total) continue;
       const int t = j & (g.T - 1), mr = j >> g.log2_T;
-      const float step = real[i] ? step_size(raw[i], bias[i], p.delta_softplus) : 0.f;
+      const float step = real[i] ? step_size_fast(raw[i], bias[i], p.delta_softplus) : 0.f;
       *reinterpret_cast<float2*>(stage_dd + t * pl.dd_stride + 2 * mr) =
           make_float2(step, step * u[i]);
       stage_y[t * pl.y_stride + mr] = D[i] * u[i];
-      if (pl.gated) stage_gate[t * pl.y_stride + mr] = real[i] ? silu(z[i]) : 0.f;
+      if (pl.gated) stage_gate[t * pl.y_stride + mr] = real[i] ? silu_fast(z[i]) : 0.f;
     }
   }
 }

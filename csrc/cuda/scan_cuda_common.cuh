@@ -86,6 +86,59 @@ __device__ __forceinline__ float exp2_approx(float x) {
 #endif
 }
 
+// log2(x) and 1/x on the special-function unit (lg2.approx: absolute error about 2^-22 near
+// 1, relative elsewhere; rcp.approx: relative 2^-23). Off the device, log2f and a division.
+__device__ __forceinline__ float log2_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return log2f(x);
+#endif
+}
+
+__device__ __forceinline__ float rcp_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return 1.f / x;
+#endif
+}
+
+// The per-(modality, row, step) functions of the state-lanes kernels' staging, Δ =
+// softplus(δ + β) and (forward) the gate's silu, on the special-function unit. At small N the
+// staging is a fair share of all the work (at N = 16 about a third of the forward's
+// instructions), and the exact forms of scan_math.h (libdevice's expf and log1pf, a
+// division's slow path) take about 40 instructions where these take about 10. Relative
+// error: sigmoid about 2^-21; softplus at most about 3e-6 (just above e^x = 1/16, below).
+// The tests hold them to the float64 reference like the exact forms.
+__device__ __forceinline__ float sigmoid_fast(float x) {
+  return rcp_approx(1.f + exp2_approx(-x * kLog2e));  // 1 + inf = inf → 0, as it should
+}
+
+// log(1 + e^x), x itself above 20 as the exact form. Below e^x = 1/16, log1p's series to
+// the fifth power (relative error under 2e-7), since lg2.approx's absolute error near 1
+// (2^-22.6 on [0.5, 2]) would be a large relative one there; above, log2(1 + e^x)·ln 2,
+// whose relative error is largest at the switch: 2^-22.6 / log2(1.0625) ≈ 2e-6, plus the
+// rounding of 1 + e^x.
+__device__ __forceinline__ float softplus_fast(float x) {
+  if (x > 20.f) return x;
+  const float y = exp2_approx(x * kLog2e);
+  if (y < 0.0625f)
+    return y * (1.f + y * (-0.5f + y * (1.f / 3 + y * (-0.25f + y * 0.2f))));
+  return log2_approx(1.f + y) * 0.6931471805599453f;
+}
+
+__device__ __forceinline__ float step_size_fast(float delta_raw, float bias, bool use_softplus) {
+  const float x = delta_raw + bias;
+  return use_softplus ? softplus_fast(x) : x;
+}
+
+__device__ __forceinline__ float silu_fast(float x) { return x * sigmoid_fast(x); }
+
 // kItems consecutive elements of one input row, for the steps t_first, t_first+1, ...;
 // steps at or past `seqlen` read as 0. The row is a[i0, i1, i2, :]. One vector load when
 // the row is contiguous in time and the address is aligned, else one load per element.

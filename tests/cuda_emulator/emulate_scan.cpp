@@ -9,6 +9,8 @@
 // register_cuda.cpp, and printing which ran); DTYPE float32, float16 or bfloat16 (of u, delta, z, B, C, dy); FLAGS letters
 // for what is present: D, z, b (delta_bias), s (softplus), i (initial state), f (gradient of
 // the final state), t (B and C stored time-major: strides (.., .., 1, N)); "-" for none.
+// `emulate_scan fastmath COUNT DIR` instead applies the staging's softplus_fast and
+// sigmoid_fast (scan_cuda_common.cuh) to the COUNT values of DIR/x.f32.
 // DIR holds the inputs as raw little-endian float32 files named after the arguments (u.f32,
 // ...; the low-precision ones already exactly representable) and receives the outputs the
 // same way (y.f32, chunk_states.f32, ..., du.f32, dA.f32, ...). Outputs the kernels must
@@ -23,6 +25,7 @@
 #include <vector>
 
 #include "coupled_mamba/params.h"
+#include "../../csrc/cuda/scan_cuda_common.cuh"
 #include "cuda_bf16.h"
 #include "cuda_fp16.h"
 #include "cuda_runtime.h"
@@ -187,8 +190,21 @@ int run(const std::string& mode, const std::string& mapping, InputDtype dtype, i
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 4 && std::string(argv[1]) == "fastmath") {  // emulate_scan fastmath COUNT DIR
+    dir = argv[3];
+    const std::vector<float> x = read("x", std::atoll(argv[2]));
+    std::vector<float> softplus(x.size()), sigmoid(x.size());
+    for (size_t i = 0; i < x.size(); ++i) {
+      softplus[i] = coupled_mamba::softplus_fast(x[i]);
+      sigmoid[i] = coupled_mamba::sigmoid_fast(x[i]);
+    }
+    write("softplus_fast", softplus);
+    write("sigmoid_fast", sigmoid);
+    return 0;
+  }
   if (argc != 11) {
-    std::fprintf(stderr, "usage: %s MODE MAPPING DTYPE M BATCH DIM L N FLAGS DIR\n", argv[0]);
+    std::fprintf(stderr, "usage: %s MODE MAPPING DTYPE M BATCH DIM L N FLAGS DIR\n"
+                 "       %s fastmath COUNT DIR\n", argv[0], argv[0]);
     return 2;
   }
   const std::string mode = argv[1], mapping = argv[2], dtype = argv[3];
