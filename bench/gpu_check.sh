@@ -188,7 +188,7 @@ fi
 # list of NAME=VALUE, is rebuilt (NVCC_APPEND_FLAGS) and timed alone (bf16, no reference:
 # state and time lanes side by side); its table goes to the summary. Last, because the
 # in-place build is then the last variant's. The default times the state-lanes forward with
-# at least 3 blocks per multiprocessor (80 registers: 50 % more resident warps; 4 and 68
+# at least 3 blocks per multiprocessor (80 registers: 50 % more resident warps; none and 76
 # bytes spilled with 4 and 8 states per lane) against the default 2. GPU_CHECK_VARIANTS=""
 # skips this; e.g. "COUPLED_MAMBA_BWD_THREADS=128,COUPLED_MAMBA_BWD_MIN_BLOCKS=3" times the
 # time-lanes backward's block shape.

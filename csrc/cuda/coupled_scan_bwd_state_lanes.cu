@@ -442,14 +442,6 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
 // 4 states per lane, 8 where a row needs them (N > 128).
 inline int bwd_states_per_lane(const ScanShape& s) { return s.dstate > 32 * 4 ? 8 : 4; }
 
-int max_dynamic_smem() {
-  int device = 0, bytes = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
-    return kSmemBudgetBytes;
-  return bytes;
-}
-
 template <typename input_t, int kMaxM, int kStates>
 cudaError_t launch_bwd_lanes(const ScanBwdParams& p, cudaStream_t stream) {
   const BwdLanePlan pl = plan_bwd_lanes<kStates>(p.shape);
@@ -468,7 +460,7 @@ bool coupled_scan_bwd_state_lanes_fits(const ScanShape& shape) {
   if (shape.n_modalities > kBwdLaneMaxM) return false;
   const size_t bytes = bwd_states_per_lane(shape) == 8 ? plan_bwd_lanes<8>(shape).smem_bytes
                                                        : plan_bwd_lanes<4>(shape).smem_bytes;
-  return bytes <= static_cast<size_t>(max_dynamic_smem());
+  return bytes <= static_cast<size_t>(device_smem_limits().per_block);
 }
 
 cudaError_t coupled_scan_bwd_state_lanes_cuda(const ScanBwdParams& params, InputDtype dtype,

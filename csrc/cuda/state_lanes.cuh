@@ -78,10 +78,11 @@ struct SmemLimits {
   int reserved;
 };
 
-// Without an answer from the runtime: the default 48 KB a block gets without opting in.
+// Without an answer from the runtime: blocks of the default 48 KB (what a block gets without
+// opting in), however many share a multiprocessor.
 inline SmemLimits device_smem_limits() {
   int device = 0;
-  SmemLimits l{kSmemBudgetBytes, kSmemBudgetBytes, 0};
+  SmemLimits l{};
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&l.per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
           cudaSuccess ||
@@ -89,7 +90,7 @@ inline SmemLimits device_smem_limits() {
           cudaSuccess ||
       cudaDeviceGetAttribute(&l.reserved, cudaDevAttrReservedSharedMemoryPerBlock, device) !=
           cudaSuccess)
-    return SmemLimits{kSmemBudgetBytes, kSmemBudgetBytes, 0};
+    return SmemLimits{kSmemBudgetBytes, 1 << 30, 0};
   return l;
 }
 
