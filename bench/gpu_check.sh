@@ -2,10 +2,10 @@
 # One-shot GPU check on a bare machine with torch, nvcc and pytest but no network: build the
 # extension in place for the visible card, count the shared-memory atomics in its machine
 # code (when cuobjdump is there), run the CUDA tests and a few CPU smoke tests, the CUDA
-# benchmark of the scan, an Nsight Compute profile of the kernels (when ncu is there),
-# memcheck and racecheck on small shapes (when compute-sanitizer is there), the model
-# benchmark, then the kernels of another commit (when given) and build variants, each timed
-# beside the current ones. About 7–8 minutes;
+# benchmark of the scan, the kernels of another commit when given (timed the same way,
+# right after, so that a tight budget keeps it), an Nsight Compute profile of the kernels
+# (when ncu is there), memcheck and racecheck on small shapes (when compute-sanitizer is
+# there), the model benchmark, then build variants. About 8–10 minutes with everything;
 # every stage runs under `timeout` inside one overall budget, so one hang cannot eat the
 # rest. A short summary table is printed last.
 #
@@ -137,6 +137,21 @@ run_stage cpu-smoke 60 "$OUT/pytest_cpu.log" python3 -m pytest -q -m "not cuda" 
 # ---------------------------------------------------------------------------- benchmarks
 run_stage bench-scan 200 "$OUT/bench_scan.log" python3 bench/bench_scan.py --device cuda \
   --json "$OUT/bench_scan.json"
+# Another commit's kernels, built in their own tree and timed in this run, so that a kernel
+# change is measured against its predecessor on the same card (bf16, no reference loop).
+BASELINE=${GPU_CHECK_BASELINE:-}
+[[ -z $BASELINE && -f gpu_baseline/setup.py ]] && BASELINE=gpu_baseline
+BASELINE_TABLE=""
+if [[ -n $BASELINE ]]; then
+  blog="${TMPDIR:-/tmp}/baseline.log"
+  if run_stage baseline 150 "$blog" bash -c "cd '$BASELINE' && FORCE_CUDA=1 python3 setup.py \
+      build_ext --inplace >/dev/null && PYTHONPATH=. python3 bench/bench_scan.py --device cuda \
+      --dtype bfloat16 --no-reference"; then
+    BASELINE_TABLE=$'\n'"baseline ${BASELINE}:"$'\n'
+    BASELINE_TABLE+=$(sed -n '/^shape /,/^copy bandwidth/p' "$blog")$'\n'
+  fi
+fi
+
 # Nsight Compute on one forward and one backward launch per case (GPU_CHECK_NCU_CASES,
 # default "a c": the short and the long regime), bf16: where the time goes (throughput
 # against the peaks, occupancy, what warps stall on). One log for all cases.
@@ -165,22 +180,6 @@ if [[ -z ${GPU_CHECK_SKIP_MODEL:-} ]]; then
   # Its log and figures stay behind (only 8 files come back from $OUT); the JSON has it all.
   run_stage bench-model 120 "${TMPDIR:-/tmp}/bench_model.log" python3 bench/bench_model.py \
     --device cuda --json "$OUT/bench_model.json" --out "${TMPDIR:-/tmp}/bench_model_out"
-fi
-
-# ---------------------------------------------------------------------------- baseline
-# Another commit's kernels, built in their own tree and timed in this run, so that a kernel
-# change is measured against its predecessor on the same card (bf16, no reference loop).
-BASELINE=${GPU_CHECK_BASELINE:-}
-[[ -z $BASELINE && -f gpu_baseline/setup.py ]] && BASELINE=gpu_baseline
-BASELINE_TABLE=""
-if [[ -n $BASELINE ]]; then
-  blog="${TMPDIR:-/tmp}/baseline.log"
-  if run_stage baseline 150 "$blog" bash -c "cd '$BASELINE' && FORCE_CUDA=1 python3 setup.py \
-      build_ext --inplace >/dev/null && PYTHONPATH=. python3 bench/bench_scan.py --device cuda \
-      --dtype bfloat16 --no-reference"; then
-    BASELINE_TABLE=$'\n'"baseline ${BASELINE}:"$'\n'
-    BASELINE_TABLE+=$(sed -n '/^shape /,/^copy bandwidth/p' "$blog")$'\n'
-  fi
 fi
 
 # ---------------------------------------------------------------------------- tuning
