@@ -168,6 +168,25 @@ def test_emulated_state_lanes_forward_tiles_follow_device_smem(emulator, tmp_pat
     assert_rel_close(got["final_state"], final, FWD_TOL[torch.float32], "final state")
 
 
+def test_emulated_state_lanes_forward_tile_no_longer_than_the_sequence(emulator, tmp_path):
+    """A sequence of 1 (a step update) or 3 steps stages 1 or 4 steps, not 64: no shared
+    memory past the default 48 KB, so no opt-in (e.g. while a CUDA graph is captured)."""
+    for L, T in ((1, 1), (3, 4)):
+        shape = (3, 2, 40, L, 16)
+        inputs = make_scan_inputs(*shape, seed=L)
+        got = run_emulated(emulator, tmp_path, "fwd", "state_lanes", inputs, torch.float32,
+                           flags_of(inputs, None, False))
+        (smem,) = launched_smem_bytes(got["log"])
+        # One step of the stages: B and C 2·M·N + 4, (Δ, Δu) 2·M·rows + 2, ŷ and the gate
+        # (M·rows) | 1 each, rows = 256 / 4 lanes per row.
+        rows = 64
+        per_step = 4 * (2 * 3 * 16 + 4 + 2 * 3 * rows + 2 + 2 * ((3 * rows) | 1))
+        assert smem == T * per_step
+        y, final = coupled_scan_ref(**to_reference(inputs), return_final_state=True)
+        assert_rel_close(got["y"], y, FWD_TOL[torch.float32], "y")
+        assert_rel_close(got["final_state"], final, FWD_TOL[torch.float32], "final state")
+
+
 @pytest.mark.parametrize("shape,options,time_major", FORWARD_CASES[:3] + FORWARD_CASES[4:])
 def test_emulated_time_lanes_forward_matches_reference(emulator, tmp_path, shape, options,
                                                        time_major):

@@ -207,8 +207,9 @@ inline int fwd_states_per_lane(const ScanShape& s) {
   return lanes_with_8 >= (int64_t{1} << 20) ? 8 : 4;
 }
 
-// The longest tile (a power of two, at most a chunk) whose stages fit in `smem_budget`
-// bytes; at least one step (with M = 16 and N = 256 a step takes 34 KB, gated).
+// The longest tile (a power of two, at most a chunk and no longer than the sequence needs)
+// whose stages fit in `smem_budget` bytes; at least one step (with M = 16 and N = 256 a
+// step takes 34 KB, gated).
 inline FwdLanePlan plan_fwd_lanes(const ScanShape& s, int k_states, bool gated, int smem_budget) {
   FwdLanePlan pl{};
   const int M = static_cast<int>(s.n_modalities);
@@ -220,6 +221,7 @@ inline FwdLanePlan plan_fwd_lanes(const ScanShape& s, int k_states, bool gated, 
       (pl.g.bc_stride + pl.dd_stride + pl.y_stride * (gated ? 2 : 1)) * sizeof(float);
   int T = kChunkLen;
   while (T > 1 && T * per_step > smem_budget) T /= 2;
+  while (T > 1 && T / 2 >= s.seqlen) T /= 2;  // no longer than the sequence (a step update: 1)
   pl.g.T = T;
   pl.g.log2_T = log2_of(T);
   pl.smem_bytes = T * per_step;
