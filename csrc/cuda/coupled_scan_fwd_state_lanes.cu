@@ -24,9 +24,9 @@ namespace {
 constexpr int kFwdLaneThreads = 256;
 // Minimum resident blocks per multiprocessor, a build-time knob (NVCC_APPEND_FLAGS=
 // "-DCOUPLED_MAMBA_FWD_LANE_MIN_BLOCKS=3"; bench/gpu_check.sh times it): 2 caps a thread at
-// 128 registers (it takes 96 with 4 states per lane, 117 with 8, no spill), 3 at 80 (no spill
-// with 4, 76 bytes stored by spills with 8; not yet measured). The tile's shared memory is sized to let as many
-// blocks share a multiprocessor.
+// 128 registers (it takes 96 with 4 states per lane, 117 with 8, no spill), 3 at 80 (no
+// spill with 4, 76 bytes stored by spills with 8; not yet measured). The tile's shared
+// memory is sized to let as many blocks share a multiprocessor.
 #ifndef COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS
 #define COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS 2
 #endif
