@@ -186,13 +186,15 @@ fi
 # Build-time knobs of the kernels (macros; see the .cu files): each variant, a comma-separated
 # list of NAME=VALUE, is rebuilt (NVCC_APPEND_FLAGS) and timed alone (bf16, no reference:
 # state and time lanes side by side); its table goes to the summary. Last, because the
-# in-place build is then the last variant's. The default times the state-lanes forward with
-# at least 3 blocks per multiprocessor (80 registers: 50 % more resident warps; none and 76
-# bytes spilled with 4 and 8 states per lane) against the default 2. GPU_CHECK_VARIANTS=""
+# in-place build is then the last variant's. The default times two state-lanes forwards
+# against the built default (256 threads, at least 2 blocks per multiprocessor): at least 3
+# blocks (80 registers: 50 % more resident warps; none and 76 bytes spilled with 4 and 8
+# states per lane), and blocks of 128 threads, at least 4 of them (the same warps per
+# multiprocessor in smaller blocks: more blocks where rows are few). GPU_CHECK_VARIANTS=""
 # skips this; e.g. "COUPLED_MAMBA_BWD_THREADS=128,COUPLED_MAMBA_BWD_MIN_BLOCKS=3" times the
 # time-lanes backward's block shape.
 VARIANT_TABLES=""
-VARIANTS=${GPU_CHECK_VARIANTS-COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS=3}
+VARIANTS=${GPU_CHECK_VARIANTS-COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS=3 COUPLED_MAMBA_FWD_LANE_THREADS=128,COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS=4}
 for variant in $VARIANTS; do
   flags="-D${variant//,/ -D}"
   touch csrc/cuda/*.cu

@@ -21,7 +21,15 @@
 namespace coupled_mamba {
 namespace {
 
-constexpr int kFwdLaneThreads = 256;
+// Threads per block, a build-time knob like the one below (256, or 128 to spread few rows
+// over more blocks: at case (c), 192 blocks of 256 leave 72 of 132 multiprocessors with
+// one block and 60 with two; 384 of 128 at most three per multiprocessor, of 32 rows each;
+// not yet measured).
+#ifndef COUPLED_MAMBA_FWD_LANE_THREADS
+#define COUPLED_MAMBA_FWD_LANE_THREADS 256
+#endif
+constexpr int kFwdLaneThreads = COUPLED_MAMBA_FWD_LANE_THREADS;
+static_assert(kFwdLaneThreads % 32 == 0 && kFwdLaneThreads <= 1024, "whole warps per block");
 // Minimum resident blocks per multiprocessor, a build-time knob (NVCC_APPEND_FLAGS=
 // "-DCOUPLED_MAMBA_FWD_LANE_MIN_BLOCKS=3"; bench/gpu_check.sh times it): 2 caps a thread at
 // 128 registers (it takes 96 with 4 states per lane, 117 with 8, no spill), 3 at 80 (no
