@@ -122,7 +122,7 @@ struct LanePlace {
   }
   // n of the lane's k-th state.
   __device__ int state(const LaneGeometry& g, int k) const {
-    return 4 * ((k / 4) * g.R + r) + k % 4;
+    return 4 * ((k >> 2) * g.R + r) + (k & 3);  // k >= 0: shifts, not signed division
   }
 };
 
