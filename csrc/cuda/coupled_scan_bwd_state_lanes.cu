@@ -271,7 +271,8 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
       for (int k = 0; k < kStates; ++k) checkpoint(segment, k) = G[k];
       if (segment == segments - 1) break;
       __syncthreads();  // the stages' previous contents are read
-      stage_bc<input_t>(g, stage_BC, p.B, p.C, M, at.b, N, c0 + segment * kSeg, L);
+      stage_bc<input_t>(g, stage_BC, p.B, p.C, M, at.b, N, c0 + segment * kSeg, L,
+                        /*with_C=*/false);
       stage_bwd_steps<input_t>(pl, stage_st, p, M, at.b, at.e_first, c0 + segment * kSeg, false);
       __syncthreads();
 #pragma unroll

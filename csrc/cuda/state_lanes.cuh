@@ -183,15 +183,16 @@ __device__ __forceinline__ float row_sum(float v, int lanes) {
   return v;
 }
 
-// Fills the B/C stage of the tile starting at t0: stage[t·bc_stride + (2m + is_C)·Np + n].
-// Steps past L and states past N read as 0. The flat index runs fastest along t (coalesced
-// global reads); each thread issues kStageBatch loads before it stores any, so that their
-// latencies overlap.
+// Fills the B/C stage of the tile starting at t0: stage[t·bc_stride + (2m + is_C)·Np + n];
+// B alone without `with_C` (the backward's checkpoint pass needs no C). Steps past L and
+// states past N read as 0. The flat index runs fastest along t (coalesced global reads);
+// each thread issues kStageBatch loads before it stores any, so that their latencies
+// overlap.
 template <typename input_t>
 __device__ void stage_bc(const LaneGeometry& g, float* stage, const TensorArg& B,
                          const TensorArg& C, int M, int64_t b, int64_t N, int64_t t0,
-                         int64_t L) {
-  const int total = 2 * M * g.Np * g.T;
+                         int64_t L, bool with_C = true) {
+  const int total = (with_C ? 2 : 1) * M * g.Np * g.T;
   for (int first = threadIdx.x; first < total; first += kStageBatch * blockDim.x) {
     float v[kStageBatch];
     int at[kStageBatch];
@@ -199,7 +200,8 @@ __device__ void stage_bc(const LaneGeometry& g, float* stage, const TensorArg& B
     for (int i = 0; i < kStageBatch; ++i) {
       const int j = first + i * blockDim.x;
       const int t = j & (g.T - 1), rest = j >> g.log2_T;
-      const int n = rest & (g.Np - 1), mb = rest >> g.log2_Np;  // mb = 2m + is_C
+      const int n = rest & (g.Np - 1);
+      const int mb = (rest >> g.log2_Np) << (with_C ? 0 : 1);  // 2m + is_C
       const int m = mb >> 1;
       const TensorArg& x = (mb & 1) ? C : B;
       v[i] = 0.f;
