@@ -188,7 +188,7 @@ fi
 # state and time lanes side by side); its table goes to the summary. Last, because the
 # in-place build is then the last variant's. The default times two state-lanes forwards
 # against the built default (256 threads, at least 2 blocks per multiprocessor): at least 3
-# blocks (80 registers: 50 % more resident warps; none and 76 bytes spilled with 4 and 8
+# blocks (80 registers: 50 % more resident warps; 4 and 88 bytes spilled with 4 and 8
 # states per lane), and blocks of 128 threads, at least 4 of them (the same warps per
 # multiprocessor in smaller blocks: more blocks where rows are few). GPU_CHECK_VARIANTS=""
 # skips this; e.g. "COUPLED_MAMBA_BWD_THREADS=128,COUPLED_MAMBA_BWD_MIN_BLOCKS=3" times the

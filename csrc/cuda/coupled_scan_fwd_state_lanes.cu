@@ -32,9 +32,9 @@ constexpr int kFwdLaneThreads = COUPLED_MAMBA_FWD_LANE_THREADS;
 static_assert(kFwdLaneThreads % 32 == 0 && kFwdLaneThreads <= 1024, "whole warps per block");
 // Minimum resident blocks per multiprocessor, a build-time knob (NVCC_APPEND_FLAGS=
 // "-DCOUPLED_MAMBA_FWD_LANE_MIN_BLOCKS=3"; bench/gpu_check.sh times it): 2 caps a thread at
-// 128 registers (it takes 96 with 4 states per lane, 117 with 8, no spill), 3 at 80 (no
-// spill with 4, 76 bytes stored by spills with 8; not yet measured). The tile's shared
-// memory is sized to let as many blocks share a multiprocessor.
+// 128 registers (it takes 108 with 4 states per lane, 124 with 8, no spill), 3 at 80 (4
+// and 88 bytes stored by spills; not yet measured). The tile's shared memory is sized to
+// let as many blocks share a multiprocessor.
 #ifndef COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS
 #define COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS 2
 #endif
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kFwdLaneThreads, COUPLED_MAMBA_FWD_LANE_MIN_BL
   for (int64_t t0 = 0; t0 < L; t0 += g.T) {
     const int steps = static_cast<int>(min(static_cast<int64_t>(g.T), L - t0));
     __syncthreads();  // the previous tile's stages are read
-    stage_bc<input_t>(g, stage_BC, p.B, p.C, M, at.b, N, t0, L);
+    stage_bc<input_t, 16>(g, stage_BC, p.B, p.C, M, at.b, N, t0, L);
     stage_steps<input_t>(pl, stage_dd, stage_y, stage_gate, p, M, at.b, at.e_first, t0);
     __syncthreads();
 

@@ -186,18 +186,19 @@ __device__ __forceinline__ float row_sum(float v, int lanes) {
 // Fills the B/C stage of the tile starting at t0: stage[t·bc_stride + (2m + is_C)·Np + n];
 // B alone without `with_C` (the backward's checkpoint pass needs no C). Steps past L and
 // states past N read as 0. The flat index runs fastest along t (coalesced global reads);
-// each thread issues kStageBatch loads before it stores any, so that their latencies
-// overlap.
-template <typename input_t>
+// each thread issues kBatch loads before it stores any, so that their latencies overlap
+// (the forward takes 16: at case (a) half the rounds of 8, and no spill; the backward 8,
+// as 16 spilled there).
+template <typename input_t, int kBatch = kStageBatch>
 __device__ void stage_bc(const LaneGeometry& g, float* stage, const TensorArg& B,
                          const TensorArg& C, int M, int64_t b, int64_t N, int64_t t0,
                          int64_t L, bool with_C = true) {
   const int total = (with_C ? 2 : 1) * M * g.Np * g.T;
-  for (int first = threadIdx.x; first < total; first += kStageBatch * blockDim.x) {
-    float v[kStageBatch];
-    int at[kStageBatch];
+  for (int first = threadIdx.x; first < total; first += kBatch * blockDim.x) {
+    float v[kBatch];
+    int at[kBatch];
 #pragma unroll
-    for (int i = 0; i < kStageBatch; ++i) {
+    for (int i = 0; i < kBatch; ++i) {
       const int j = first + i * blockDim.x;
       const int t = j & (g.T - 1), rest = j >> g.log2_T;
       const int n = rest & (g.Np - 1);
@@ -214,7 +215,7 @@ __device__ void stage_bc(const LaneGeometry& g, float* stage, const TensorArg& B
       }
     }
 #pragma unroll
-    for (int i = 0; i < kStageBatch; ++i)
+    for (int i = 0; i < kBatch; ++i)
       if (at[i] >= 0) stage[at[i]] = v[i];
   }
 }
