@@ -32,12 +32,14 @@ constexpr int kFwdLaneThreads = COUPLED_MAMBA_FWD_LANE_THREADS;
 static_assert(kFwdLaneThreads % 32 == 0 && kFwdLaneThreads <= 1024, "whole warps per block");
 // Minimum resident blocks per multiprocessor, a build-time knob (NVCC_APPEND_FLAGS=
 // "-DCOUPLED_MAMBA_FWD_LANE_MIN_BLOCKS=3"; bench/gpu_check.sh times it): 2 caps a thread at
-// 128 registers (it takes 108 with 4 states per lane, 124 with 8, no spill), 3 at 80 (4
+// 128 registers (it takes 120 with 4 states per lane, 128 with 8, no spill), 3 at 80 (4
 // and 88 bytes stored by spills; not yet measured). The tile's shared memory is sized to
 // let as many blocks share a multiprocessor.
 #ifndef COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS
 #define COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS 2
 #endif
+// Registers a thread may take under those bounds (a multiprocessor has 64 K).
+constexpr int kFwdLaneRegisters = 65536 / (kFwdLaneThreads * COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS);
 
 struct FwdLanePlan {
   LaneGeometry g;
@@ -56,7 +58,9 @@ template <typename input_t>
 __device__ void stage_steps(const FwdLanePlan& pl, float* stage_dd, float* stage_y,
                             float* stage_gate, const ScanFwdParams& p, int M, int64_t b,
                             int64_t e_first, int64_t t0) {
-  constexpr int kBatch = 4;  // three loads each (δ, u, z): 12 in flight per thread
+  // Three loads each (δ, u, z): 24 in flight per thread with 128 registers (no spill), 12
+  // with fewer (at the 80 of 3 blocks of 256, 8 spilled 112 to 228 bytes).
+  constexpr int kBatch = kFwdLaneRegisters >= 128 ? 8 : 4;
   const LaneGeometry& g = pl.g;
   const int64_t dim = p.shape.dim, L = p.shape.seqlen;
   const int total = M * g.rows * g.T;
