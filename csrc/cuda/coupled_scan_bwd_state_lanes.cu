@@ -314,29 +314,21 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
           const float step = v.x, drive = v.y, dy_hat = v.z;
           float sum_A_x = 0.f, sum_mu_B = 0.f;  // over this lane's states
           float dBC[2 * kStates];               // dB then dC of this lane's states
-#pragma unroll
-          for (int q = 0; q < kQuads; ++q) {
-            float Bq[4], Cq[4];
-            load_quad(bc, g, m, false, q, Bq);
-            load_quad(bc, g, m, true, q, Cq);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int k = 4 * q + i;
-              const float A_log2 = A2.get(p.A, g, at, m, k, N);
-              const float a = exp2_approx(step * A_log2);
-              const float h = modality_state(a, history[t][k], drive, Bq[i]);
-              const float mu = dy_hat * Cq[i] + w[m] * lambda[k];  // dℓ/dh
-              const FactoredStateGrad<float> d =
-                  modality_state_grad_factored(mu, a, history[t][k], drive, Bq[i]);
-              dBC[k] = d.d_B;
-              dBC[kStates + k] = dy_hat * h;
-              sum_A_x += A_log2 * d.mu_decayed;
-              sum_mu_B += d.mu_B;
-              dA_sum[m][k] += step * d.mu_decayed;
-              lambda_prev[k] += d.d_coupled_prev;
-              dw_sum[m] += lambda[k] * h;
-            }
-          }
+          for_each_state<kStates>(bc, g, m, [&](int k, float B, float C) {
+            const float A_log2 = A2.get(p.A, g, at, m, k, N);
+            const float a = exp2_approx(step * A_log2);
+            const float h = modality_state(a, history[t][k], drive, B);
+            const float mu = dy_hat * C + w[m] * lambda[k];  // dℓ/dh
+            const FactoredStateGrad<float> d =
+                modality_state_grad_factored(mu, a, history[t][k], drive, B);
+            dBC[k] = d.d_B;
+            dBC[kStates + k] = dy_hat * h;
+            sum_A_x += A_log2 * d.mu_decayed;
+            sum_mu_B += d.mu_B;
+            dA_sum[m][k] += step * d.mu_decayed;
+            lambda_prev[k] += d.d_coupled_prev;
+            dw_sum[m] += lambda[k] * h;
+          });
           add_over_rows<kStates>(dBC, acc_dBC + t * g.bc_stride + bc_at(g, m, false), g, at);
           sum_A_x = row_sum(sum_A_x, g.Rw);
           sum_mu_B = row_sum(sum_mu_B, g.Rw);

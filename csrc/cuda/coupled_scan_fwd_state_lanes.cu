@@ -101,7 +101,6 @@ template <typename input_t, int kMaxM, int kStates>
 __global__ void __launch_bounds__(kFwdLaneThreads, COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS)
     coupled_scan_fwd_state_lanes_kernel(const ScanFwdParams p, const FwdLanePlan pl) {
   static_assert(kStates % 4 == 0, "a lane's states come in 16-byte groups of 4");
-  constexpr int kQuads = kStates / 4;
   const LaneGeometry& g = pl.g;
   const ScanShape s = p.shape;
   const int M = static_cast<int>(s.n_modalities);
@@ -159,20 +158,12 @@ __global__ void __launch_bounds__(kFwdLaneThreads, COUPLED_MAMBA_FWD_LANE_MIN_BL
         if (m >= M) break;
         const float2 step_drive = *reinterpret_cast<const float2*>(dd + 2 * m * g.rows);
         float y_part = 0.f;
-#pragma unroll
-        for (int q = 0; q < kQuads; ++q) {
-          float Bq[4], Cq[4];
-          load_quad(bc, g, m, false, q, Bq);
-          load_quad(bc, g, m, true, q, Cq);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int k = 4 * q + i;
-            const float a = exp2_approx(step_drive.x * A2.get(p.A, g, at, m, k, N));
-            const float h = modality_state(a, G[k], step_drive.y, Bq[i]);
-            y_part += Cq[i] * h;
-            G_next[k] += w[m] * h;
-          }
-        }
+        for_each_state<kStates>(bc, g, m, [&](int k, float B, float C) {
+          const float a = exp2_approx(step_drive.x * A2.get(p.A, g, at, m, k, N));
+          const float h = modality_state(a, G[k], step_drive.y, B);
+          y_part += C * h;
+          G_next[k] += w[m] * h;
+        });
         y_part = row_sum(y_part, g.Rw);  // Rw == R: a row is inside one warp
         if (at.r == 0) stage_y[t * pl.y_stride + m * g.rows + at.row] += y_part;
       }

@@ -145,6 +145,21 @@ __device__ __forceinline__ void load_quad(const float* step, const LaneGeometry&
   load4(step + bc_at(g, m, is_C) + 4 * q * g.R, out);
 }
 
+// Calls f(k, B, C) for each of the lane's kStates states (k its index in the lane) of
+// modality m, with that state's B and C from the staged step `step` (offset by 4·r).
+template <int kStates, typename F>
+__device__ __forceinline__ void for_each_state(const float* step, const LaneGeometry& g, int m,
+                                               F&& f) {
+#pragma unroll
+  for (int q = 0; q < kStates / 4; ++q) {
+    float Bq[4], Cq[4];
+    load_quad(step, g, m, false, q, Bq);
+    load_quad(step, g, m, true, q, Cq);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f(4 * q + i, Bq[i], Cq[i]);
+  }
+}
+
 // A·log2(e) for the lane's states: in registers for up to 4 modalities; with more, read
 // from global memory (L1) where used, since 16·kStates registers would spill.
 template <int kMaxM, int kStates>
