@@ -89,6 +89,7 @@ else:
 
 setup(
     version=base_version() + local_version(archs is not None),
+    license="Apache-2.0",
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
 )

@@ -81,7 +81,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap,clocks.max.s
 python3 -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__,
 "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>&1 | tee -a "$SUMMARY"
 "$CUDA_HOME/bin/nvcc" --version | tail -2 | tee -a "$SUMMARY"
-# setuptools >= 77 reads an SPDX string as pyproject's `license`; older ones need the table.
+# The build's setuptools, for the record (pyproject needs >= 64).
 python3 -c 'import setuptools; print("setuptools", setuptools.__version__)' 2>&1 | tee -a "$SUMMARY"
 command -v ninja >/dev/null && log "ninja $(ninja --version)" || log "ninja: not found (slow build)"
 
