@@ -229,10 +229,13 @@ BACKWARD_CASES = [
                  id="M1-bare-L9"),
     pytest.param((5, 1, 20, 66, 16), {}, False, "time_lanes", id="M5-N16-L66-fallback"),
     # Lanes per row 1 (N <= 4: one state warp of 32 rows), 2 and 32 (N = 256: 8 states per
-    # lane, 8 state warps of 4 lanes per row), odd N with padding states.
+    # lane, 8 state warps of 4 lanes per row), odd N with padding states. The kernel is
+    # compiled per lanes of a row in one warp (Rw) with 4 states per lane: Rw = 1 (N <= 32),
+    # 2 (N = 64 above) and 4 (N = 100: 32 lanes, 28 padding states).
     pytest.param((2, 1, 35, 12, 1), {}, False, "state_lanes", id="M2-N1-L12"),
     pytest.param((3, 1, 7, 20, 7), {}, False, "state_lanes", id="M3-N7-L20"),
     pytest.param((2, 1, 5, 11, 256), {}, False, "state_lanes", id="M2-N256-L11"),
+    pytest.param((2, 1, 6, 20, 100), {}, False, "state_lanes", id="M2-N100-L20"),
 ]
 
 

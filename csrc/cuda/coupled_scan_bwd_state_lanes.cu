@@ -139,24 +139,32 @@ __device__ void stage_bwd_steps(const BwdLanePlan& pl, float* stage, const ScanB
 }
 
 // Adds this step's dB and dC contributions of the warp's rows into the shared accumulator
-// `acc` (one modality of one step, laid out as the B/C stage: bc_at). v holds this lane's (its row's) values: dB of
-// its kStates states, then dC. The lanes holding the same states of the warp's other rows
-// are lane ^ o for o = Rw, 2·Rw, ..., 16. Each round pairs such lanes: one keeps the lower
-// half of the values, the other the upper half, and adds the partner's half it keeps; once
-// a lane carries one value the rounds left are plain butterflies. Then every sum is held by
-// one lane (or several equal copies, of which one writes), and no other warp holds these
-// states: a plain read-add-write, no atomics. All lanes of the warp call it.
-template <int kStates>
+// `acc` (one modality of one step, laid out as the B/C stage: bc_at). v holds this lane's
+// (its row's) values: dB of its kStates states, then dC. The lanes holding the same states
+// of the warp's other rows are lane ^ o for o = Rw, 2·Rw, ..., 16. Each round pairs such
+// lanes: one keeps the lower half of the values, the other the upper half, and adds the
+// partner's half it keeps; once a lane carries one value the rounds left are plain
+// butterflies. Then every sum is held by one lane (or several equal copies, of which one
+// writes), and no other warp holds these states: a plain read-add-write, no atomics. All
+// lanes of the warp call it.
+//
+// kRw > 0 is Rw (g.Rw) known at compile time: the rounds and the values left fold away.
+// With Rw read at run time every round and every value written kept a branch and its index
+// arithmetic (at N = 64 the segment's walk ran about a third more instructions, by our count
+// of the SASS). kRw = 0 reads g.Rw: kept for 8 states per lane, where the compile-time form
+// spilled far more in the walk (648 spill loads in its SASS against 180).
+template <int kStates, int kRw>
 __device__ __forceinline__ void add_over_rows(float (&v)[2 * kStates], float* acc,
                                               const LaneGeometry& g, const LanePlace& at) {
   constexpr int V = 2 * kStates;
+  const int Rw = kRw > 0 ? kRw : g.Rw;
   const int lane = threadIdx.x & 31;
   int first = 0;        // index in the original v of v[0] after the rounds
   bool writer = true;   // false on the copies that a plain round made
   int count = V;        // values this lane carries after the rounds
 #pragma unroll
   for (int round = 0; round < 5; ++round) {
-    const int o = g.Rw << round;
+    const int o = Rw << round;
     if (o >= 32) break;
     const bool upper = (lane & o) != 0;
     constexpr int kMax = V;  // sizes below are compile-time once the loop is unrolled
@@ -188,7 +196,7 @@ __device__ __forceinline__ void add_over_rows(float (&v)[2 * kStates], float* ac
   }
 }
 
-template <typename input_t, int kMaxM, int kStates>
+template <typename input_t, int kMaxM, int kStates, int kRw>
 __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
     coupled_scan_bwd_state_lanes_kernel(const ScanBwdParams p, const BwdLanePlan pl) {
   using Config = BwdLaneConfig<kStates>;
@@ -232,8 +240,8 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
 
   // G ↦ G after step t of the staged tile (t < kSeg).
   const auto advance = [&](float (&G)[kStates], int t) {
-    const float* bc = stage_BC + t * g.bc_stride + 4 * at.r;
-    const float* st = stage_st + t * pl.st_stride + 4 * at.row;
+    const float* bc = stage_BC + t * opaque(g.bc_stride) + 4 * at.r;
+    const float* st = stage_st + t * opaque(pl.st_stride) + 4 * at.row;
     float G_next[kStates] = {};
 #pragma unroll
     for (int m = 0; m < kMaxM; ++m) {
@@ -304,8 +312,9 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
 #pragma unroll
       for (int t = kSeg - 1; t >= 0; --t) {
         if (t >= steps) continue;
-        const float* bc = stage_BC + t * g.bc_stride + 4 * at.r;
-        const float* st = stage_st + t * pl.st_stride + 4 * at.row;
+        const int bc_stride = opaque(g.bc_stride), sum_stride = opaque(pl.sum_stride);
+        const float* bc = stage_BC + t * bc_stride + 4 * at.r;
+        const float* st = stage_st + t * opaque(pl.st_stride) + 4 * at.row;
         float lambda_prev[kStates] = {};
 #pragma unroll
         for (int m = 0; m < kMaxM; ++m) {
@@ -329,11 +338,12 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
             lambda_prev[k] += d.d_coupled_prev;
             dw_sum[m] += lambda[k] * h;
           });
-          add_over_rows<kStates>(dBC, acc_dBC + t * g.bc_stride + bc_at(g, m, false), g, at);
-          sum_A_x = row_sum(sum_A_x, g.Rw);
-          sum_mu_B = row_sum(sum_mu_B, g.Rw);
-          if ((at.r & (g.Rw - 1)) == 0)
-            *reinterpret_cast<float2*>(sums + t * pl.sum_stride +
+          add_over_rows<kStates, kRw>(dBC, acc_dBC + t * bc_stride + bc_at(g, m, false), g, at);
+          const int Rw = kRw > 0 ? kRw : g.Rw;
+          sum_A_x = row_sum(sum_A_x, Rw);
+          sum_mu_B = row_sum(sum_mu_B, Rw);
+          if ((at.r & (Rw - 1)) == 0)
+            *reinterpret_cast<float2*>(sums + t * sum_stride +
                                        2 * ((m * g.rows + at.row) * g.Ws + state_warp)) =
                 make_float2(sum_A_x, sum_mu_B);
         }
@@ -435,11 +445,22 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
 // 4 states per lane, 8 where a row needs them (N > 128).
 inline int bwd_states_per_lane(const ScanShape& s) { return s.dstate > 32 * 4 ? 8 : 4; }
 
+// kRw: a row's lanes in one warp (the plan's g.Rw), or 0 to read it at run time. With 4
+// states per lane Rw is 1 (N <= 32), 2 (N <= 64) or 4, each compiled for; with 8 (N > 128)
+// it is always 4, but is read at run time (add_over_rows says why).
 template <typename input_t, int kMaxM, int kStates>
 cudaError_t launch_bwd_lanes(const ScanBwdParams& p, cudaStream_t stream) {
   const BwdLanePlan pl = plan_bwd_lanes<kStates>(p.shape);
   if (pl.g.blocks == 0) return cudaSuccess;
-  const auto kernel = coupled_scan_bwd_state_lanes_kernel<input_t, kMaxM, kStates>;
+  void (*kernel)(const ScanBwdParams, const BwdLanePlan) = nullptr;
+  if constexpr (kStates == 4) {
+    if (pl.g.Rw == 1) kernel = coupled_scan_bwd_state_lanes_kernel<input_t, kMaxM, 4, 1>;
+    if (pl.g.Rw == 2) kernel = coupled_scan_bwd_state_lanes_kernel<input_t, kMaxM, 4, 2>;
+    if (pl.g.Rw == 4) kernel = coupled_scan_bwd_state_lanes_kernel<input_t, kMaxM, 4, 4>;
+  } else {
+    kernel = coupled_scan_bwd_state_lanes_kernel<input_t, kMaxM, kStates, 0>;
+  }
+  if (kernel == nullptr) return cudaErrorInvalidValue;  // a plan with no instantiation here
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(pl.smem_bytes));
   if (err != cudaSuccess) return err;

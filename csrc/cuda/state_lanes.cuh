@@ -126,6 +126,17 @@ struct LanePlace {
   }
 };
 
+// v, but opaque to the optimizer: an address computed from it inside a loop is computed
+// there, not hoisted out of the loop and kept (the backward's unrolled segment otherwise
+// had nvcc precompute the shared-memory address of every (step, modality) before the
+// chunk loop and spill them to local memory).
+__device__ __forceinline__ int opaque(int v) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("" : "+r"(v));
+#endif
+  return v;
+}
+
 // The four 16-byte-aligned floats at `at` in shared memory, as an array.
 __device__ __forceinline__ void load4(const float* at, float (&out)[4]) {
   const float4 v = *reinterpret_cast<const float4*>(at);
@@ -191,10 +202,14 @@ struct DecayRates {
 };
 
 // Sum over the `lanes` lanes of a row inside one warp (Rw); every one of them gets it. All
-// lanes of the warp call it.
+// lanes of the warp call it. Unrolled over the five possible rounds, each taken where
+// `lanes` (the same in the whole warp) needs it: a loop over a run-time count spent more
+// instructions on its own control than on the shuffles (forward, N = 64: 24 of them per
+// modality and step against 35 for the states).
 __device__ __forceinline__ float row_sum(float v, int lanes) {
-  for (int offset = lanes >> 1; offset > 0; offset >>= 1)
-    v += __shfl_xor_sync(kFullMask, v, offset);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    if (offset < lanes) v += __shfl_xor_sync(kFullMask, v, offset);
   return v;
 }
 
