@@ -28,6 +28,9 @@ SHAPES = [
     pytest.param((3, 1024, 16, 50, 64), id="batch1024-L50-N64"),
     pytest.param((2, 2, 1536, 130, 16), id="dim1536"),
     pytest.param((4, 3, 40, 200, 256), id="N256"),
+    # The state-lanes backward is compiled per lanes of a row in one warp: N = 16 and 64
+    # above take 1 and 2, N = 100 takes 4 (with 4 states per lane; N = 256 takes 8 states).
+    pytest.param((2, 3, 24, 130, 100), id="N100"),
 ]
 
 
