@@ -5,9 +5,11 @@ staging, barriers, shuffles and that every output element is written, on every m
 says nothing about speed, and the GPU tests (test_scan_cuda.py, marked ``cuda``) remain the
 word on the real device.
 
-Every kernel here has also run on a GPU (docs/benchmarks.md): the time-lanes ones passed
+Both mappings have also run on a GPU (docs/benchmarks.md): the time-lanes kernels passed
 here after they had, the state-lanes ones before their first GPU run, and the GPU agreed.
-That is what makes the emulator worth trusting for a kernel change made without a GPU.
+That is what makes the emulator worth trusting for a kernel change made without a GPU; the
+state-lanes changes made since without one (docs/kernels.md, "Changed since, not yet run
+on a GPU") have passed here only.
 """
 import os
 import shutil
