@@ -63,9 +63,14 @@ def compile_file(nvcc, source, arch, defines, obj):
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode != 0:
         sys.exit(f"sass_report: nvcc failed:\n{run.stderr[-3000:]}")
+    return parse_ptxas(run.stderr)
+
+
+def parse_ptxas(text):
+    """ptxas -v's report: {mangled kernel: {registers, stack, spill_stores, spill_loads}}."""
     ptxas = {}
     current = None
-    for line in run.stderr.splitlines():
+    for line in text.splitlines():
         if m := PTXAS_ENTRY.search(line):
             current = m.group(1)
             ptxas[current] = {}
@@ -77,9 +82,14 @@ def compile_file(nvcc, source, arch, defines, obj):
 
 
 def sass_regions(cuobjdump, obj):
-    """{mangled kernel: [Counter per region]}, regions cut after each BAR.SYNC."""
     text = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True,
                           check=True).stdout
+    return parse_sass(text)
+
+
+def parse_sass(text):
+    """cuobjdump -sass's listing: {mangled kernel: [Counter per region]}, a region ending
+    with each barrier (BAR) of the kernel."""
     kernels = defaultdict(list)
     current = None
     for line in text.splitlines():
