@@ -117,9 +117,9 @@ sys.exit(0 if i["cuda"] else 1)' 2>&1 | tee -a "$SUMMARY"; then
 fi
 
 # ---------------------------------------------------------------------------- machine code
-# What the shared-memory atomics of the kernels compile to (docs/kernels.md takes a float
-# atomic add to shared memory to be a compare-and-swap loop; this checks it): the forms of
-# ATOMS in the built extension's SASS, counted, on one line.
+# What the shared-memory atomics of the kernels compile to for this card (a float add is a
+# compare-and-swap loop, ATOMS.CAST.SPIN, with nvcc 13.0: docs/kernels.md; only the
+# time-lanes backward has them): the forms of ATOMS in the built extension's SASS, counted.
 if command -v cuobjdump >/dev/null; then
   run_stage sass 30 "${TMPDIR:-/tmp}/sass.log" bash -c \
     'cuobjdump --dump-sass coupled_mamba_ext/_C*.so | grep -oE "ATOMS(\.[A-Z0-9]+)*" | sort | uniq -c | tr -s " \n" " "; echo'

@@ -18,7 +18,7 @@
 // per (modality, step, state) are summed over the warp's rows with a transposing shuffle
 // reduction (each round halves the values a lane carries), then added into shared memory
 // with plain stores, since no other warp holds those states: no shared-memory atomics (a
-// float atomic add to shared memory is, as far as we know, a compare-and-swap loop; the
+// float atomic add to shared memory compiles to a compare-and-swap loop, ATOMS.CAST.SPIN; the
 // first version of this kernel added dB and dC that way and was 1.5x slower). Then one
 // global atomic per element and block. Sums over states,
 // (Σ_n A·μ·a·G, Σ_n μ·B) per (modality, step, row), go through shuffles inside a warp and
