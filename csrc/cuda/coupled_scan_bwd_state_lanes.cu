@@ -150,8 +150,8 @@ __device__ void stage_bwd_steps(const BwdLanePlan& pl, float* stage, const ScanB
 //
 // kRw > 0 is Rw (g.Rw) known at compile time: the rounds and the values left fold away.
 // With Rw read at run time every round and every value written kept a branch and its index
-// arithmetic (at N = 64 the segment's walk ran about a third more instructions, by our count
-// of the SASS). kRw = 0 reads g.Rw: kept for 8 states per lane, where the compile-time form
+// arithmetic (at N = 64 the segment's walk ran about a third more instructions, by our
+// estimate from the SASS). kRw = 0 reads g.Rw: kept for 8 states per lane, where the compile-time form
 // spilled far more in the walk (648 spill loads in its SASS against 180).
 template <int kStates, int kRw>
 __device__ __forceinline__ void add_over_rows(float (&v)[2 * kStates], float* acc,

@@ -204,8 +204,8 @@ struct DecayRates {
 // Sum over the `lanes` lanes of a row inside one warp (Rw); every one of them gets it. All
 // lanes of the warp call it. Unrolled over the five possible rounds, each taken where
 // `lanes` (the same in the whole warp) needs it: a loop over a run-time count spent more
-// instructions on its own control than on the shuffles (forward, N = 64: 24 of them per
-// modality and step against 35 for the states).
+// instructions on its own control than on the shuffles (forward, N = 64: the sum took 24
+// instructions per modality and step, now 13, against 35 for the states).
 __device__ __forceinline__ float row_sum(float v, int lanes) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1)
