@@ -146,18 +146,12 @@ __device__ void stage_bwd_steps(const BwdLanePlan& pl, float* stage, const ScanB
 // partner's half it keeps; once a lane carries one value the rounds left are plain
 // butterflies. Then every sum is held by one lane (or several equal copies, of which one
 // writes), and no other warp holds these states: a plain read-add-write, no atomics. All
-// lanes of the warp call it.
-//
-// kRw > 0 is Rw (g.Rw) known at compile time: the rounds and the values left fold away.
-// With Rw read at run time every round and every value written kept a branch and its index
-// arithmetic (at N = 64 the segment's walk ran about a third more instructions, by our
-// estimate from the SASS). kRw = 0 reads g.Rw: kept for 8 states per lane, where the compile-time form
-// spilled far more in the walk (648 spill loads in its SASS against 180).
-template <int kStates, int kRw>
-__device__ __forceinline__ void add_over_rows(float (&v)[2 * kStates], float* acc,
+// lanes of the warp call it with Rw = g.Rw, a compile-time constant where the kernel is
+// compiled for one (kRw below): the rounds and the values left then fold away.
+template <int kStates>
+__device__ __forceinline__ void add_over_rows(float (&v)[2 * kStates], float* acc, int Rw,
                                               const LaneGeometry& g, const LanePlace& at) {
   constexpr int V = 2 * kStates;
-  const int Rw = kRw > 0 ? kRw : g.Rw;
   const int lane = threadIdx.x & 31;
   int first = 0;        // index in the original v of v[0] after the rounds
   bool writer = true;   // false on the copies that a plain round made
@@ -196,12 +190,19 @@ __device__ __forceinline__ void add_over_rows(float (&v)[2 * kStates], float* ac
   }
 }
 
+// kRw > 0: compiled for Rw = kRw (g.Rw), which folds add_over_rows' rounds and writes and
+// row_sum's rounds. With Rw read at run time every round and every value written kept a
+// branch and its index arithmetic (at N = 64 the segment's walk ran about a third more
+// instructions, by our estimate from the SASS). kRw = 0 reads g.Rw: kept for 8 states per
+// lane, where the compile-time form spilled far more in the walk (648 spill loads in its
+// SASS against 180).
 template <typename input_t, int kMaxM, int kStates, int kRw>
 __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
     coupled_scan_bwd_state_lanes_kernel(const ScanBwdParams p, const BwdLanePlan pl) {
   using Config = BwdLaneConfig<kStates>;
   constexpr int kSeg = Config::kSeg, kQuads = kStates / 4;
   const LaneGeometry& g = pl.g;
+  const int Rw = kRw > 0 ? kRw : g.Rw;  // a row's lanes in one warp
   const ScanShape s = p.shape;
   const int M = static_cast<int>(s.n_modalities);
   const int64_t N = s.dstate, L = s.seqlen;
@@ -338,8 +339,7 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
             lambda_prev[k] += d.d_coupled_prev;
             dw_sum[m] += lambda[k] * h;
           });
-          add_over_rows<kStates, kRw>(dBC, acc_dBC + t * bc_stride + bc_at(g, m, false), g, at);
-          const int Rw = kRw > 0 ? kRw : g.Rw;
+          add_over_rows<kStates>(dBC, acc_dBC + t * bc_stride + bc_at(g, m, false), Rw, g, at);
           sum_A_x = row_sum(sum_A_x, Rw);
           sum_mu_B = row_sum(sum_mu_B, Rw);
           if ((at.r & (Rw - 1)) == 0)

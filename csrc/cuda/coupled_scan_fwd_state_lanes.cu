@@ -32,8 +32,8 @@ constexpr int kFwdLaneThreads = COUPLED_MAMBA_FWD_LANE_THREADS;
 static_assert(kFwdLaneThreads % 32 == 0 && kFwdLaneThreads <= 1024, "whole warps per block");
 // Minimum resident blocks per multiprocessor, a build-time knob (NVCC_APPEND_FLAGS=
 // "-DCOUPLED_MAMBA_FWD_LANE_MIN_BLOCKS=3"; bench/gpu_check.sh times it): 2 caps a thread at
-// 128 registers (it takes 120 with 4 states per lane, 128 with 8, no spill), 3 at 80 (4
-// and 88 bytes stored by spills; not yet measured). The tile's shared memory is sized to
+// 128 registers (it takes all of them; no spill with 4 states per lane, 4 bytes with 8),
+// 3 at 80 (4 and 88 bytes stored by spills; not yet measured). The tile's shared memory is sized to
 // let as many blocks share a multiprocessor.
 #ifndef COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS
 #define COUPLED_MAMBA_FWD_LANE_MIN_BLOCKS 2
