@@ -41,7 +41,8 @@ taken at a low load, or with --threads 1.
 the operator alone (CUDA; for comparing builds of the kernels quickly). On CUDA each case
 also times the operator with each thread mapping forced (COUPLED_MAMBA_CUDA_KERNELS,
 docs/kernels.md) in the same run: columns "state ms" and "time ms" beside the default's
-("op ms").
+("op ms"), and forward+backward under torch.use_deterministic_algorithms(True) ("det ms",
+"det peak": the backward's per-block slots, docs/kernels.md "Determinism").
 """
 import argparse
 import json
@@ -364,6 +365,20 @@ def with_kernels(mapping, fn):
             os.environ["COUPLED_MAMBA_CUDA_KERNELS"] = before
 
 
+def deterministic(fn):
+    """fn() under torch.use_deterministic_algorithms(True) (the backward's sums over blocks
+    through per-block slots, docs/kernels.md "Determinism"); None where that raises."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return fn()
+    except RuntimeError as error:
+        print(f"  deterministic: {str(error).splitlines()[0]}", flush=True)
+        return None
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def run_cuda(args, report):
     dtype_names = [args.dtype] if args.dtype else ["bfloat16", "float32"]
     props = torch.cuda.get_device_properties(0)
@@ -394,6 +409,11 @@ def run_cuda(args, report):
                 for mapping in ("state_lanes", "time_lanes"):
                     row[f"{mapping}_s"] = with_kernels(
                         mapping, lambda: time_cuda(call, warmup=3, repeats=20))
+                if mode == "fwdbwd":
+                    timed = deterministic(lambda: (time_cuda(call, warmup=3, repeats=20),
+                                                   cuda_peak_extra(call)))
+                    row["deterministic_s"], row["deterministic_peak_extra_bytes"] = \
+                        timed if timed else (None, None)
                 if mode == "fwdbwd" and not args.no_reference:
                     threshold = batch * dim * N * L * 2  # elements, at 2 bytes each at least
                     largest = largest_allocation(call)
@@ -423,7 +443,10 @@ def run_cuda(args, report):
                 print(f"  ({label}) {shape_name(shape)} {dtype_name:8s} {mode:6s}: "
                       f"op {row['op_s'] * 1e3:8.3f} ms (state lanes "
                       f"{row['state_lanes_s'] * 1e3:.3f}, time lanes "
-                      f"{row['time_lanes_s'] * 1e3:.3f} ms) = {row['op_s'] / row['floor_s']:.2f}x "
+                      f"{row['time_lanes_s'] * 1e3:.3f} ms"
+                      + (f", deterministic {_ms(row['deterministic_s'])} peak "
+                         f"+{_mib(row['deterministic_peak_extra_bytes'])}" if mode == "fwdbwd" else "")
+                      + f") = {row['op_s'] / row['floor_s']:.2f}x "
                       f"traffic floor {row['floor_s'] * 1e3:.3f} ms (exp floor, fwd: "
                       f"{exp_floor * 1e3:.3f} ms); reference "
                       f"{row.get('ref_skipped') or _ms(row.get('ref_s'))} "
@@ -458,7 +481,8 @@ def print_table(report):
           f"{report['meta']['load_avg_start']} -> {report['meta']['load_avg_end']}")
     cuda = report["device"] == "cuda"
     head = f"{'shape':24s} {'dtype':8s} {'mode':6s} {'op ms':>10s} {'ref ms':>10s} {'speed-up':>9s}"
-    head += (f" {'op/floor':>8s} {'op peak':>12s} {'state ms':>9s} {'time ms':>9s}" if cuda
+    head += (f" {'op/floor':>8s} {'op peak':>12s} {'state ms':>9s} {'time ms':>9s}"
+             f" {'det ms':>9s} {'det peak':>12s}" if cuda
              else f" {'op extra':>12s} {'ref extra':>12s} {'load':>5s}")
     print(head)
     for row in report["cases"]:
@@ -467,7 +491,9 @@ def print_table(report):
                 f"{_fmt(row.get('speedup')):>9s}")
         if cuda:
             line += (f" {row['op_s'] / row['floor_s']:8.2f} {_mib(row['op_peak_extra_bytes']):>12s}"
-                     f" {row['state_lanes_s'] * 1e3:9.3f} {row['time_lanes_s'] * 1e3:9.3f}")
+                     f" {row['state_lanes_s'] * 1e3:9.3f} {row['time_lanes_s'] * 1e3:9.3f}"
+                     f" {_ms(row.get('deterministic_s')).replace(' ms', ''):>9s}"
+                     f" {_mib(row.get('deterministic_peak_extra_bytes')):>12s}")
         else:
             line += (f" {_mib(row['op_extra_bytes']):>12s} {_mib(row['ref_extra_bytes']):>12s}"
                      f" {row['load_avg_1min_before']:5.1f}")

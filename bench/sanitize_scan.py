@@ -5,8 +5,8 @@ for NVIDIA's compute-sanitizer to watch (out-of-bounds and misaligned accesses w
     compute-sanitizer --tool racecheck --error-exitcode 1 python3 bench/sanitize_scan.py
 
 The shapes reach the kernels' edge cases (lanes per row 1 to 32, padding states, idle rows,
-chunks and tiles cut mid-way, more than 4 modalities) while staying small enough to run
-under the sanitizer in seconds. `bash bench/gpu_check.sh` runs it when compute-sanitizer is
+chunks and tiles cut mid-way, more than 4 modalities, the backward's deterministic sums)
+while staying small enough to run under the sanitizer in seconds. `bash bench/gpu_check.sh` runs it when compute-sanitizer is
 on the machine.
 """
 import os
@@ -32,7 +32,19 @@ def main():
             dy = torch.randn(shape[:4], device="cuda").to(torch.bfloat16)
             with_kernels(mapping, lambda: forward_backward(coupled_selective_scan, inputs, dy))
             torch.cuda.synchronize()
-    print(f"sanitize_scan: {len(SHAPES)} shapes x 2 mappings, forward + backward, bf16")
+    # The state-lanes backward's deterministic sums (per-block slots; M <= 4 only).
+    deterministic_shapes = [shape for shape in SHAPES if shape[0] <= 4]
+    torch.use_deterministic_algorithms(True)
+    try:
+        for shape in deterministic_shapes:
+            inputs = leaves(make_inputs(shape, torch.bfloat16, "cuda"))
+            dy = torch.randn(shape[:4], device="cuda").to(torch.bfloat16)
+            forward_backward(coupled_selective_scan, inputs, dy)
+            torch.cuda.synchronize()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    print(f"sanitize_scan: {len(SHAPES)} shapes x 2 mappings, forward + backward, bf16; "
+          f"{len(deterministic_shapes)} shapes with deterministic sums")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                        "synthetic data (default 8000; valid and test do not change)")
     train.add_argument("--device", help="cpu, cuda, cuda:1...; default cuda when available")
     train.add_argument("--amp", choices=("bf16",), help="bfloat16 autocast")
+    train.add_argument("--deterministic", action="store_true",
+                       help="the same bits from the same seed on CUDA too: PyTorch's "
+                       "deterministic algorithms (slower backward; an operation without a "
+                       "deterministic form raises)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last finished epoch")
     train.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")

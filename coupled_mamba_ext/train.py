@@ -5,6 +5,7 @@ comes from a DistributedSampler in both cases (with one replica when not distrib
 processes with per-process batch B / K see exactly the batches of one process with batch B.
 Rank 0 alone evaluates, logs and writes files. See docs/training.md.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -83,6 +84,7 @@ class TrainConfig:
     synthetic_train_size: Optional[int] = None
     device: Optional[str] = None
     amp: Optional[str] = None
+    deterministic: bool = False
     resume: bool = False
     num_workers: int = 0
 
@@ -384,12 +386,35 @@ def train(config: TrainConfig) -> Optional[dict]:
     results.json (test and valid metrics, configuration, history), learning_curves.png,
     report.md. Returns the results dict on rank 0, None on other ranks.
     """
-    process = setup_process(config.device)
+    with deterministic_algorithms(config.deterministic):
+        process = setup_process(config.device)
+        try:
+            return _train(config, process)
+        finally:
+            if process.world_size > 1:
+                dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """``--deterministic``: PyTorch's deterministic algorithms inside (the scan's CUDA backward
+    then sums over blocks in a fixed order, docs/api.md; an operation with no deterministic
+    form raises), cuBLAS's deterministic workspace, no cuDNN autotuning; the settings before
+    restored after. Without it: nothing changes."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+    # Read when cuBLAS first runs; set before, it makes cuBLAS's reductions reproducible.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
     try:
-        return _train(config, process)
+        yield
     finally:
-        if process.world_size > 1:
-            dist.destroy_process_group()
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]
 
 
 def _train(config: TrainConfig, process: Process) -> Optional[dict]:

@@ -54,10 +54,12 @@ def emulator(tmp_path_factory):
 
 
 def run_emulated(binary, tmp_path, mode, mapping, inputs, dtype, flags, dy=None, dfinal=None,
-                 smem_kb=None):
+                 smem_kb=None, env=None, allow_failure=False):
     """Writes the inputs, runs the emulated kernels, returns their outputs as float64 tensors
     and the emulator's log. ``smem_kb=(per_multiprocessor, per_block)`` emulates a device with
-    that much shared memory (default: an H100 / H200's 228 and 227 KB)."""
+    that much shared memory (default: an H100 / H200's 228 and 227 KB); `env` adds
+    environment variables (the emulator's switches, cuda_runtime.h). With `allow_failure`,
+    a failed run returns its log and exit status alone."""
     M, batch, dim, L = inputs["u"].shape
     N = inputs["A"].shape[-1]
     for name, x in list(inputs.items()) + [("dy", dy), ("dfinal_state", dfinal)]:
@@ -65,11 +67,14 @@ def run_emulated(binary, tmp_path, mode, mapping, inputs, dtype, flags, dy=None,
             x.detach().float().contiguous().numpy().tofile(tmp_path / f"{name}.f32")
     if inputs["coupling"] is None:
         torch.full((M,), 1.0 / M).numpy().astype(np.float32).tofile(tmp_path / "coupling.f32")
+    run_env = dict(os.environ, **(env or {}))
+    if smem_kb:
+        run_env["CUDA_EMU_SMEM_KB"] = ",".join(map(str, smem_kb))
     run = subprocess.run([str(binary), mode, mapping, DTYPE_NAMES[dtype], str(M), str(batch),
                           str(dim), str(L), str(N), flags or "-", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, CUDA_EMU_SMEM_KB=",".join(map(str, smem_kb)))
-                         if smem_kb else None)
+                         capture_output=True, text=True, timeout=600, env=run_env)
+    if allow_failure and run.returncode != 0:
+        return {"log": run.stdout + run.stderr, "returncode": run.returncode}
     assert run.returncode == 0, run.stdout + run.stderr
 
     def out(name, *shape):
@@ -265,6 +270,70 @@ def test_emulated_backward_matches_reference(emulator, tmp_path, shape, options,
             continue  # the default coupling is not an input
         else:
             assert_rel_close(got[key], expected, GRAD_TOL[torch.float32], key)
+
+
+# Deterministic sums (torch.use_deterministic_algorithms; register_cuda.cpp): shapes whose
+# blocks share dB and dC (several blocks of channels per batch index, the last one partly
+# idle) and dA, dD, dΔ-bias (batch > 1), for each instantiation kind: N = 64 (Rw = 2, 16 rows
+# a block: 3 blocks of channels), N = 16 (Rw = 1, 64 rows: 2), N = 136 (8 states a lane, 8
+# rows: 2).
+DETERMINISTIC_CASES = [
+    pytest.param((3, 2, 40, 70, 64), id="M3-N64-L70"),
+    pytest.param((2, 2, 70, 20, 16), id="M2-N16-L20"),
+    pytest.param((2, 2, 12, 10, 136), id="M2-N136-L10"),
+]
+
+
+def random_cotangents(shape, seed):
+    M, batch, dim, L, N = shape
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(M, batch, dim, L, generator=g, dtype=torch.float64).float()
+    dfinal = torch.randn(batch, dim, N, generator=g, dtype=torch.float64).float()
+    return dy, dfinal
+
+
+@pytest.mark.parametrize("shape", DETERMINISTIC_CASES)
+def test_emulated_deterministic_backward_matches_reference(emulator, tmp_path, shape):
+    """The state-lanes backward with a slot per block for its sums over blocks: every
+    gradient against the float64 reference, and no address of those slots is added to
+    twice (the emulator aborts if one is: CUDA_EMU_ONE_ADD)."""
+    inputs = make_scan_inputs(*shape, seed=sum(shape))
+    dy, dfinal = random_cotangents(shape, 7)
+    got = run_emulated(emulator, tmp_path, "bwd", "state_lanes", inputs, torch.float32,
+                       flags_of(inputs, dfinal, False) + "d", dy=dy, dfinal=dfinal,
+                       env={"CUDA_EMU_ONE_ADD": "1"})
+    assert "backward: state_lanes" in got["log"]
+    ref = scan_with_grads(coupled_scan_ref, to_reference(inputs), dy.double(), dfinal.double())
+    for key, expected in ref.items():
+        tol = (FWD_TOL if key in ("y", "final_state") else GRAD_TOL)[torch.float32]
+        assert_rel_close(got[key], expected, tol, key)
+
+
+def test_emulated_deterministic_backward_bits_do_not_depend_on_block_order(emulator, tmp_path):
+    """With the blocks run first to last and last to first, the deterministic sums give the
+    same bits in every gradient. The default atomics do not: their dB and the coupling's
+    gradient change with the order (what the test would miss if the order did not reach the
+    sums), and they add to an address more than once."""
+    shape = (2, 2, 40, 12, 64)  # 3 blocks of channels per batch index, two segments
+    inputs = make_scan_inputs(*shape, seed=3)
+    dy, dfinal = random_cotangents(shape, 8)
+    flags = flags_of(inputs, dfinal, False)
+
+    def grads(extra_flags, order):
+        got = run_emulated(emulator, tmp_path, "bwd", "state_lanes", inputs, torch.float32,
+                           flags + extra_flags, dy=dy, dfinal=dfinal,
+                           env={"CUDA_EMU_BLOCK_ORDER": order})
+        return {k: v for k, v in got.items() if k not in ("log", "y", "final_state", "chunk_states")}
+
+    forward, reverse = grads("d", "forward"), grads("d", "reverse")
+    for key in forward:
+        assert torch.equal(forward[key], reverse[key]), f"{key} depends on the block order"
+    atomic_forward, atomic_reverse = grads("", "forward"), grads("", "reverse")
+    assert not torch.equal(atomic_forward["dB"], atomic_reverse["dB"])
+    assert not torch.equal(atomic_forward["dcoupling"], atomic_reverse["dcoupling"])
+    twice = run_emulated(emulator, tmp_path, "bwd", "state_lanes", inputs, torch.float32, flags,
+                         dy=dy, dfinal=dfinal, env={"CUDA_EMU_ONE_ADD": "1"}, allow_failure=True)
+    assert "second atomicAdd" in twice["log"]
 
 
 def test_emulated_backward_falls_back_where_its_smem_does_not_fit(emulator, tmp_path):

@@ -1,12 +1,14 @@
 """CUDA kernels beyond the shared device-parametrised tests: long sequences (L = 4095, 4096,
 16384), the paper's big-batch short-sequence regime (batch 1024, L = 50), wide channels,
 forward and every gradient against the float64 reference AND the CPU kernel, in fp32, bf16
-and fp16; launches on the current stream.
+and fp16; launches on the current stream; the deterministic backward.
 
 Every test of the other op test files that takes ``device`` also runs on "cuda" (marked
 ``cuda``), which covers opcheck, torch.compile, the step update, strides and errors on CUDA.
 Skipped, with the reason, where no CUDA device is visible or the build has no CUDA kernels.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -82,6 +84,73 @@ def test_cuda_runs_on_the_current_stream():
     for key, value in expected.items():
         # Not bitwise: parameter gradients may be summed by atomics in any order.
         assert_rel_close(result[key], value, FWD_TOL[torch.float32], key)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled=True, warn_only=False):
+    """torch.use_deterministic_algorithms(enabled, warn_only) inside, the setting before after."""
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+# Many blocks adding into the same dB, dC (16 blocks of channels per batch index at N = 64,
+# dim 256; 24 at N = 16, dim 1536) and dA (64 batch indices), and 8 states per lane (N = 256).
+DETERMINISTIC_SHAPES = [
+    pytest.param((3, 64, 256, 50, 64), id="batch64-dim256-L50-N64"),
+    pytest.param((2, 4, 1536, 300, 16), id="dim1536-L300-N16"),
+    pytest.param((2, 3, 40, 130, 256), id="N256"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", DETERMINISTIC_SHAPES)
+def test_cuda_deterministic_backward_gives_the_same_bits_and_is_right(shape, dtype):
+    """Under torch.use_deterministic_algorithms(True) the state-lanes backward sums over blocks
+    through a slot per block (register_cuda.cpp): three runs give the same bits in every
+    gradient, which match the float64 reference and the default (atomic) backward."""
+    inputs = make_scan_inputs(*shape, dtype=dtype, device="cuda", seed=sum(shape) + 3)
+    M, batch, dim, L, N = shape
+    g = torch.Generator().manual_seed(5)
+    dy = torch.randn(M, batch, dim, L, generator=g, dtype=torch.float64)
+    dfinal = torch.randn(batch, dim, N, generator=g, dtype=torch.float64)
+    default = scan_with_grads(coupled_selective_scan, inputs, dy.to(dtype).cuda(),
+                              dfinal.float().cuda())
+    ref = scan_with_grads(coupled_scan_ref, to_reference(inputs, "cuda"), dy.cuda(), dfinal.cuda())
+    with deterministic_algorithms():
+        runs = [scan_with_grads(coupled_selective_scan, inputs, dy.to(dtype).cuda(),
+                                dfinal.float().cuda()) for _ in range(3)]
+    for key in ref:
+        assert torch.equal(runs[0][key], runs[1][key]), f"{key}: run 1 vs 2"
+        assert torch.equal(runs[0][key], runs[2][key]), f"{key}: run 1 vs 3"
+        if key == "final_state":
+            tol = FWD_TOL[torch.float32]
+        else:
+            tol = (FWD_TOL if key == "y" else GRAD_TOL)[dtype]
+        assert_rel_close(runs[0][key], ref[key], tol, f"{key} deterministic vs reference")
+        assert_rel_close(runs[0][key], default[key], tol, f"{key} deterministic vs default")
+
+
+def test_cuda_time_lanes_backward_alerts_under_deterministic_algorithms():
+    """More than 4 modalities take the time-lanes backward, which has no deterministic form:
+    under torch.use_deterministic_algorithms(True) its backward raises, naming the op; with
+    warn_only=True it warns and runs. The forward has no sums over blocks and runs."""
+    inputs = make_scan_inputs(5, 2, 16, 40, 16, device="cuda", seed=4)
+    dy = torch.randn(5, 2, 16, 40, device="cuda")
+    expected = scan_with_grads(coupled_selective_scan, inputs, dy, None)
+    message = "coupled_selective_scan backward on CUDA with the time-lanes kernel"
+    with deterministic_algorithms():
+        coupled_selective_scan(**inputs)
+        with pytest.raises(RuntimeError, match=message):
+            scan_with_grads(coupled_selective_scan, inputs, dy, None)
+    with deterministic_algorithms(warn_only=True), pytest.warns(UserWarning, match=message):
+        got = scan_with_grads(coupled_selective_scan, inputs, dy, None)
+    for key in expected:
+        assert_rel_close(got[key], expected[key], FWD_TOL[torch.float32], key)
 
 
 # Both thread mappings stay selectable (COUPLED_MAMBA_CUDA_KERNELS, read at every call); the

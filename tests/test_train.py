@@ -244,6 +244,26 @@ def test_checkpoints_without_the_newer_options_resume_with_what_they_ran(pickle_
     assert training._with_fields_added_since(saved["config"])["synthetic_train_size"] is None
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")])])
+def test_deterministic_training_gives_the_same_bits(pickle_path, tmp_path, device):
+    """--deterministic: two runs from the same seed select the same model, bit for bit, with
+    the same metrics (on CUDA through the scan's deterministic backward); the process's
+    setting is back to what it was afterwards."""
+    assert main(["train", "--data", pickle_path, "--out", str(tmp_path / "0"), "--epochs", "2",
+                 "--device", device, "--deterministic", *TINY]) == 0
+    assert not torch.are_deterministic_algorithms_enabled()
+    training.train(tiny_config(pickle_path, tmp_path / "1", epochs=2, device=device,
+                               deterministic=True))
+    first, again = (json.loads((tmp_path / run / "results.json").read_text()) for run in "01")
+    assert first["config"]["deterministic"] is True
+    assert first["test"] == again["test"] and first["history"] == again["history"]
+    weights = [torch.load(tmp_path / run / "best.pt", weights_only=True)["model"] for run in "01"]
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+
+
 def test_classification_with_bf16_autocast(pickle_path, tmp_path):
     results = training.train(tiny_config(pickle_path, tmp_path, epochs=1, task="classification",
                                          fusion="average", amp="bf16"))

@@ -26,6 +26,12 @@
 // written while staging). dA per lane over all steps, one atomic per
 // element at the end; dD and dΔ-bias per (modality, row) in shared memory, the coupling's
 // gradient per lane, each one atomic per block or warp at the end.
+//
+// Those global atomics add in whatever order blocks finish: the sums' rounding differs from
+// run to run. Under torch.use_deterministic_algorithms the caller gives each block a slot of
+// its own instead (params.h: dB, dC per block of channels, dA, dD, dΔ-bias per batch index,
+// the coupling's gradient per warp), so that every address receives one add, and sums the
+// slots itself in a fixed order.
 #include "coupled_scan_cuda.h"
 #include "state_lanes.cuh"
 
@@ -381,9 +387,11 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
         acc_dD[M * g.rows + pair] += dbias;
       }
 
-      // dB, dC of the segment, summed over the block's rows: one global atomic per element.
-      float* dB = static_cast<float*>(p.dB);
-      float* dC = static_cast<float*>(p.dC);
+      // dB, dC of the segment, summed over the block's rows: one global atomic per element
+      // (deterministic sums: into the slot of the block's channels, params.h).
+      const int64_t dBC_slot = (at.e_first >> g.log2_rows) * p.dBC_slot_stride;
+      float* dB = static_cast<float*>(p.dB) + dBC_slot;
+      float* dC = static_cast<float*>(p.dC) + dBC_slot;
       for (int j = threadIdx.x; j < 2 * M * g.Np * kSeg; j += blockDim.x) {
         const int t = j & (kSeg - 1), rest = j >> g.log2_T;
         const int n = rest & (g.Np - 1), mb = rest >> g.log2_Np;
@@ -419,6 +427,12 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
       if (n < N) dinitial_state[n] = lambda[k];
     }
   }
+  // Deterministic sums (params.h): dA, dD and dΔ-bias into the slot of the batch index, the
+  // coupling's gradient into the warp's.
+  float* dA = static_cast<float*>(p.dA) + at.b * p.dA_slot_stride;
+  float* dcoupling = static_cast<float*>(p.dcoupling) +
+                     (static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + at.warp) *
+                         p.dcoupling_slot_stride;
 #pragma unroll
   for (int m = 0; m < kMaxM; ++m) {
     if (m >= M) break;
@@ -426,19 +440,21 @@ __global__ void __launch_bounds__(32 * kBwdMaxStateWarps, 2)
 #pragma unroll
       for (int k = 0; k < kStates; ++k) {
         const int n = at.state(g, k);
-        if (n < N) atomicAdd(static_cast<float*>(p.dA) + (m * s.dim + at.e) * N + n, dA_sum[m][k]);
+        if (n < N) atomicAdd(dA + (m * s.dim + at.e) * N + n, dA_sum[m][k]);
       }
     const float dw_warp = row_sum(dw_sum[m], 32);
-    if (threadIdx.x % 32 == 0) atomicAdd(static_cast<float*>(p.dcoupling) + m, dw_warp);
+    if (threadIdx.x % 32 == 0) atomicAdd(dcoupling + m, dw_warp);
   }
   __syncthreads();  // acc_dD is complete
+  const int64_t dD_slot = at.b * p.dD_slot_stride;
   for (int pair = threadIdx.x; pair < M * g.rows; pair += blockDim.x) {
     const int m = pair >> g.log2_rows;
     const int64_t e = at.e_first + (pair & (g.rows - 1));
     if (e >= s.dim) continue;
-    if (p.dD) atomicAdd(static_cast<float*>(p.dD) + m * s.dim + e, acc_dD[pair]);
+    if (p.dD) atomicAdd(static_cast<float*>(p.dD) + dD_slot + m * s.dim + e, acc_dD[pair]);
     if (p.ddelta_bias)
-      atomicAdd(static_cast<float*>(p.ddelta_bias) + m * s.dim + e, acc_dD[M * g.rows + pair]);
+      atomicAdd(static_cast<float*>(p.ddelta_bias) + dD_slot + m * s.dim + e,
+                acc_dD[M * g.rows + pair]);
   }
 }
 
@@ -475,6 +491,12 @@ bool coupled_scan_bwd_state_lanes_fits(const ScanShape& shape) {
   const size_t bytes = bwd_states_per_lane(shape) == 8 ? plan_bwd_lanes<8>(shape).smem_bytes
                                                        : plan_bwd_lanes<4>(shape).smem_bytes;
   return bytes <= static_cast<size_t>(device_smem_limits().per_block);
+}
+
+BwdSlotCounts coupled_scan_bwd_state_lanes_slots(const ScanShape& shape) {
+  const LaneGeometry g = bwd_states_per_lane(shape) == 8 ? plan_bwd_lanes<8>(shape).g
+                                                          : plan_bwd_lanes<4>(shape).g;
+  return {g.blocks_per_batch, shape.batch, g.blocks * (g.threads / 32)};
 }
 
 cudaError_t coupled_scan_bwd_state_lanes_cuda(const ScanBwdParams& params, InputDtype dtype,

@@ -23,6 +23,14 @@ cudaError_t coupled_scan_fwd_time_lanes_cuda(const ScanFwdParams& params, InputD
 bool coupled_scan_bwd_state_lanes_fits(const ScanShape& shape);
 cudaError_t coupled_scan_bwd_state_lanes_cuda(const ScanBwdParams& params, InputDtype dtype,
                                               cudaStream_t stream);
+// Its deterministic sums (ScanBwdParams' slot strides) need this many slots: blocks of
+// channels per batch index (dB, dC), batch indices (dA, dD, dΔ-bias), warps (coupling).
+struct BwdSlotCounts {
+  int64_t channel_blocks, batch_indices, warps;
+};
+BwdSlotCounts coupled_scan_bwd_state_lanes_slots(const ScanShape& shape);
+// The time-lanes backward ignores the slot strides: its sums over rows go through
+// shared-memory atomics as well, so it has no deterministic form.
 cudaError_t coupled_scan_bwd_time_lanes_cuda(const ScanBwdParams& params, InputDtype dtype,
                                              cudaStream_t stream);
 

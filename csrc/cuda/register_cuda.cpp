@@ -1,11 +1,15 @@
 // CUDA implementations of the coupled_mamba operators: argument checks (shared with the CPU
 // backend), launch on the current stream; an empty sequence needs no kernel.
+#include <ATen/Context.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "../coupled_scan.h"
 #include "coupled_scan_cuda.h"
@@ -53,6 +57,45 @@ void launch_forward_cuda(const ScanFwdCall& call) {
                  "coupled_scan_fwd_time_lanes_cuda");
 }
 
+// Under torch.use_deterministic_algorithms: the state-lanes backward adds each block's sums
+// into a slot of its own (params.h), one add per address onto zero, and the slots are summed
+// here by PyTorch's reductions, whose order is fixed. The slots cost memory: (blocks of
+// channels per batch index) × the size of dB and dC, batch × that of dA, dD, dΔ-bias.
+void backward_state_lanes_deterministic(ScanBwdCall& call, InputDtype dtype,
+                                        cudaStream_t stream) {
+  const BwdSlotCounts count = coupled_scan_bwd_state_lanes_slots(call.params.shape);
+  const auto slots = [](const Tensor& sum, int64_t n) {
+    std::vector<int64_t> sizes{n};
+    sizes.insert(sizes.end(), sum.sizes().begin(), sum.sizes().end());
+    return at::zeros(sizes, sum.options());
+  };
+  ScanBwdParams p = call.params;
+  const Tensor dB = slots(call.dB, count.channel_blocks), dC = slots(call.dC, count.channel_blocks);
+  const Tensor dA = slots(call.dA, count.batch_indices);
+  const Tensor dcoupling = slots(call.dcoupling, count.warps);
+  const Tensor dD = p.dD ? slots(call.dD, count.batch_indices) : Tensor();
+  const Tensor ddelta_bias = p.ddelta_bias ? slots(call.ddelta_bias, count.batch_indices) : Tensor();
+  p.dB = dB.data_ptr();
+  p.dC = dC.data_ptr();
+  for (int i = 0; i < 4; ++i) p.dBC_stride[i] = dB.stride(i + 1);
+  p.dBC_slot_stride = dB.stride(0);
+  p.dA = dA.data_ptr();
+  p.dA_slot_stride = dA.stride(0);
+  p.dcoupling = dcoupling.data_ptr();
+  p.dcoupling_slot_stride = dcoupling.stride(0);
+  if (p.dD) p.dD = dD.data_ptr();
+  if (p.ddelta_bias) p.ddelta_bias = ddelta_bias.data_ptr();
+  p.dD_slot_stride = p.shape.n_modalities * p.shape.dim;  // dD, dΔ-bias: (M, dim) each
+  check_launch(coupled_scan_bwd_state_lanes_cuda(p, dtype, stream),
+               "coupled_scan_bwd_state_lanes_cuda (deterministic)");
+  call.dB = dB.sum(0);
+  call.dC = dC.sum(0);
+  call.dA = dA.sum(0);
+  call.dcoupling = dcoupling.sum(0);
+  if (p.dD) call.dD = dD.sum(0);
+  if (p.ddelta_bias) call.ddelta_bias = ddelta_bias.sum(0);
+}
+
 ScanFwdOutputs scan_cuda(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
                          const Tensor& C, const OptTensor& D, const OptTensor& z,
                          const OptTensor& delta_bias, bool delta_softplus, const Tensor& coupling,
@@ -91,12 +134,21 @@ ScanBwdOutputs scan_backward_cuda(const Tensor& dy, const OptTensor& dfinal_stat
   const char* op = "coupled_selective_scan backward";
   const InputDtype dtype = input_dtype(u, op);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (use_state_lanes(op) && coupled_scan_bwd_state_lanes_fits(call.params.shape))
-    check_launch(coupled_scan_bwd_state_lanes_cuda(call.params, dtype, stream),
-                 "coupled_scan_bwd_state_lanes_cuda");
-  else
+  if (use_state_lanes(op) && coupled_scan_bwd_state_lanes_fits(call.params.shape)) {
+    if (at::globalContext().deterministicAlgorithms())
+      backward_state_lanes_deterministic(call, dtype, stream);
+    else
+      check_launch(coupled_scan_bwd_state_lanes_cuda(call.params, dtype, stream),
+                   "coupled_scan_bwd_state_lanes_cuda");
+  } else {
+    // Raises under torch.use_deterministic_algorithms(True), warns with warn_only=True.
+    at::globalContext().alertNotDeterministic(
+        "coupled_selective_scan backward on CUDA with the time-lanes kernel (more than 4 "
+        "modalities, M·N too large for the state-lanes kernel's shared memory, or "
+        "COUPLED_MAMBA_CUDA_KERNELS=time_lanes)");
     check_launch(coupled_scan_bwd_time_lanes_cuda(call.params, dtype, stream),
                  "coupled_scan_bwd_time_lanes_cuda");
+  }
   return call.finish();
 }
 

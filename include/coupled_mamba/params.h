@@ -75,6 +75,14 @@ struct ScanBwdParams {
   void* ddelta_bias;     // (M, dim), only when delta_bias is present
   void* dcoupling;       // (M,)
   void* dinitial_state;  // (batch, dim, N), written (not accumulated)
+  // Deterministic sums (state-lanes CUDA backward only; 0, the default, elsewhere). Nonzero:
+  // each accumulated output above is the first slot of a zeroed buffer of slots this many
+  // elements apart, and every block adds into its own slot, so that each address receives
+  // one add and the caller sums the slots in a fixed order (docs/kernels.md, "Determinism").
+  int64_t dBC_slot_stride;        // dB, dC: a slot per block of channels of a batch index
+  int64_t dA_slot_stride;         // dA: a slot per batch index
+  int64_t dD_slot_stride;         // dD, dΔ-bias: a slot per batch index
+  int64_t dcoupling_slot_stride;  // a slot per warp of the grid
 };
 
 }  // namespace coupled_mamba

@@ -17,6 +17,9 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <set>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -170,10 +173,43 @@ T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
 template <typename T>
 T __ldg(const T* p) { return *p; }
 inline int __ffs(int x) { return __builtin_ffs(x); }
-inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 
 namespace cuda_emu {
-// Runs `kernel(args...)` on every thread of every block of the grid, blocks in turn.
+// Two switches for testing sums that must not depend on the order in which blocks run:
+// CUDA_EMU_BLOCK_ORDER=reverse runs a grid's blocks last to first, and CUDA_EMU_ONE_ADD=1
+// aborts when one launch's atomicAdd reaches an address a second time (an add onto zero is
+// exact, so an address that receives one add holds the same bits in any order).
+inline bool env_is(const char* name, const char* value) {
+  const char* set = std::getenv(name);
+  return set != nullptr && std::string(set) == value;
+}
+struct AddedAddresses {
+  std::mutex mutex;
+  std::set<const void*> seen;
+};
+inline AddedAddresses& added_addresses() {
+  static AddedAddresses added;
+  return added;
+}
+}  // namespace cuda_emu
+
+inline float atomicAdd(float* p, float v) {
+  static const bool one_add = cuda_emu::env_is("CUDA_EMU_ONE_ADD", "1");
+  if (one_add) {
+    cuda_emu::AddedAddresses& added = cuda_emu::added_addresses();
+    const std::lock_guard<std::mutex> lock(added.mutex);
+    if (!added.seen.insert(p).second) {
+      std::fprintf(stderr, "cuda_emu: a second atomicAdd to address %p (CUDA_EMU_ONE_ADD=1)\n",
+                   static_cast<void*>(p));
+      std::abort();
+    }
+  }
+  return std::atomic_ref<float>(*p).fetch_add(v);
+}
+
+namespace cuda_emu {
+// Runs `kernel(args...)` on every thread of every block of the grid, blocks in turn (first
+// to last, or last to first with CUDA_EMU_BLOCK_ORDER=reverse).
 struct Launch {
   int64_t grid;
   int threads;
@@ -195,7 +231,10 @@ struct Launch {
       std::printf("launch: %lld blocks of %d threads, %zu bytes of shared memory\n",
                   static_cast<long long>(grid), threads, smem_bytes);
       std::fflush(stdout);
-      for (int64_t bx = 0; bx < grid; ++bx) {
+      added_addresses().seen.clear();
+      const bool reverse = env_is("CUDA_EMU_BLOCK_ORDER", "reverse");
+      for (int64_t i = 0; i < grid; ++i) {
+        const int64_t bx = reverse ? grid - 1 - i : i;
         Block block(threads, smem_bytes);
         std::vector<std::thread> pool;
         for (int tx = 0; tx < threads; ++tx)

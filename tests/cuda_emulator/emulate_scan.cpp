@@ -8,7 +8,9 @@
 // both, the backward falling back to time lanes where state lanes do not fit, as in
 // register_cuda.cpp, and printing which ran); DTYPE float32, float16 or bfloat16 (of u, delta, z, B, C, dy); FLAGS letters
 // for what is present: D, z, b (delta_bias), s (softplus), i (initial state), f (gradient of
-// the final state), t (B and C stored time-major: strides (.., .., 1, N)); "-" for none.
+// the final state), t (B and C stored time-major: strides (.., .., 1, N)), d (deterministic
+// sums, state-lanes backward only: a slot per block group, summed here in slot order, as
+// register_cuda.cpp does under torch.use_deterministic_algorithms); "-" for none.
 // `emulate_scan fastmath COUNT DIR` instead applies the staging's softplus_fast and
 // sigmoid_fast (scan_cuda_common.cuh) to the COUNT values of DIR/x.f32.
 // DIR holds the inputs as raw little-endian float32 files named after the arguments (u.f32,
@@ -25,18 +27,11 @@
 #include <vector>
 
 #include "coupled_mamba/params.h"
+#include "../../csrc/cuda/coupled_scan_cuda.h"
 #include "../../csrc/cuda/scan_cuda_common.cuh"
 #include "cuda_bf16.h"
 #include "cuda_fp16.h"
 #include "cuda_runtime.h"
-
-namespace coupled_mamba {
-cudaError_t coupled_scan_fwd_state_lanes_cuda(const ScanFwdParams&, InputDtype, cudaStream_t);
-cudaError_t coupled_scan_fwd_time_lanes_cuda(const ScanFwdParams&, InputDtype, cudaStream_t);
-bool coupled_scan_bwd_state_lanes_fits(const ScanShape&);
-cudaError_t coupled_scan_bwd_state_lanes_cuda(const ScanBwdParams&, InputDtype, cudaStream_t);
-cudaError_t coupled_scan_bwd_time_lanes_cuda(const ScanBwdParams&, InputDtype, cudaStream_t);
-}  // namespace coupled_mamba
 
 namespace {
 using namespace coupled_mamba;
@@ -88,6 +83,14 @@ TensorArg arg(const void* data, Strides strides) {
   a.data = data;
   for (int i = 0; i < 4; ++i) a.stride[i] = strides[i];
   return a;
+}
+
+// The sum over `slots` consecutive slots of v, each of v.size() / slots values, in slot order.
+std::vector<float> sum_slots(const std::vector<float>& v, int64_t slots) {
+  std::vector<float> sum(v.size() / slots, 0.f);
+  for (int64_t slot = 0; slot < slots; ++slot)
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] += v[slot * sum.size() + i];
+  return sum;
 }
 
 template <typename T>
@@ -157,9 +160,25 @@ int run(const std::string& mode, const std::string& mapping, InputDtype dtype, i
   if (has('f')) g.dfinal_state = arg(dfinal.data(), {dim * N, N, 1});
   g.chunk_states = arg(chunk_states.data(), {dim * n_chunks * N, n_chunks * N, N, 1});
   if (has('z')) g.y_ungated = arg(y_ungated.data(), seq_strides);
+  // As register_cuda.cpp chooses: state lanes where they fit, else time lanes.
+  const bool state_lanes = mapping == "state_lanes" && coupled_scan_bwd_state_lanes_fits(g.shape);
+  if (has('d') && !state_lanes) {
+    std::fprintf(stderr, "emulate_scan: flag d needs the state-lanes backward\n");
+    return 2;
+  }
+  const BwdSlotCounts slots = has('d') ? coupled_scan_bwd_state_lanes_slots(g.shape)
+                                       : BwdSlotCounts{1, 1, 1};
   std::vector<T> du(seq, from_f<T>(kNaN)), ddelta(seq, from_f<T>(kNaN)), dz(has('z') ? seq : 0, from_f<T>(kNaN));
-  std::vector<float> dA(M * dim * N, 0.f), dB(bc, 0.f), dC(bc, 0.f), dD(M * dim, 0.f),
-      dbias(M * dim, 0.f), dcoupling(M, 0.f), dinit(batch * dim * N, kNaN);
+  std::vector<float> dA(slots.batch_indices * M * dim * N, 0.f), dB(slots.channel_blocks * bc, 0.f),
+      dC(slots.channel_blocks * bc, 0.f), dD(slots.batch_indices * M * dim, 0.f),
+      dbias(slots.batch_indices * M * dim, 0.f), dcoupling(slots.warps * M, 0.f),
+      dinit(batch * dim * N, kNaN);
+  if (has('d')) {
+    g.dBC_slot_stride = bc;
+    g.dA_slot_stride = M * dim * N;
+    g.dD_slot_stride = M * dim;
+    g.dcoupling_slot_stride = M;
+  }
   g.du = du.data(), g.ddelta = ddelta.data(), g.dz = has('z') ? dz.data() : nullptr;
   g.dA = dA.data(), g.dB = dB.data(), g.dC = dC.data();
   const int64_t dbc_strides[4] = {batch * N * L, N * L, L, 1};
@@ -168,8 +187,6 @@ int run(const std::string& mode, const std::string& mapping, InputDtype dtype, i
   g.ddelta_bias = has('b') ? dbias.data() : nullptr;
   g.dcoupling = dcoupling.data();
   g.dinitial_state = dinit.data();
-  // As register_cuda.cpp chooses: state lanes where they fit, else time lanes.
-  const bool state_lanes = mapping == "state_lanes" && coupled_scan_bwd_state_lanes_fits(g.shape);
   if ((state_lanes ? coupled_scan_bwd_state_lanes_cuda(g, dtype, nullptr)
                    : coupled_scan_bwd_time_lanes_cuda(g, dtype, nullptr)) != cudaSuccess)
     return 3;
@@ -177,12 +194,12 @@ int run(const std::string& mode, const std::string& mapping, InputDtype dtype, i
   write("du", back(du));
   write("ddelta", back(ddelta));
   if (has('z')) write("dz", back(dz));
-  write("dA", dA);
-  write("dB", dB);
-  write("dC", dC);
-  if (has('D')) write("dD", dD);
-  if (has('b')) write("ddelta_bias", dbias);
-  write("dcoupling", dcoupling);
+  write("dA", sum_slots(dA, slots.batch_indices));
+  write("dB", sum_slots(dB, slots.channel_blocks));
+  write("dC", sum_slots(dC, slots.channel_blocks));
+  if (has('D')) write("dD", sum_slots(dD, slots.batch_indices));
+  if (has('b')) write("ddelta_bias", sum_slots(dbias, slots.batch_indices));
+  write("dcoupling", sum_slots(dcoupling, slots.warps));
   write("dinitial_state", dinit);
   return 0;
 }
