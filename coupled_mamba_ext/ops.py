@@ -33,7 +33,7 @@ def _scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, in
     acc = _compute_dtype(u.dtype)
     y = u.new_empty((M, batch, dim, L))
     final_state = u.new_empty((batch, dim, N), dtype=acc)
-    chunk_states = u.new_empty((batch, dim, _n_chunks(L), N), dtype=acc)
+    chunk_states = u.new_empty((batch, dim, _n_chunks(L) * N), dtype=acc)  # coupled_scan.cpp
     y_ungated = u.new_empty((M, batch, dim, L) if z is not None else (0,))
     return y, final_state, chunk_states, y_ungated
 

@@ -152,7 +152,11 @@ ScanFwdCall prepare_scan_forward(const Tensor& u, const Tensor& delta, const Ten
   ScanFwdCall call;
   call.y = output({M, batch, dim, L}, u.options());
   call.y_ungated = z ? output({M, batch, dim, L}, u.options()) : at::empty({0}, u.options());
-  call.chunk_states = output({batch, dim, shape.n_chunks, shape.dstate}, u.options().dtype(acc));
+  // (batch, dim, n_chunks·N): the chunk axis folded into the state axis, so that a
+  // sequence of one chunk (L <= 64) has no axis of size 1, whose contiguity check made
+  // torch.export specialise the traced length to L <= 64 (tests/test_scan_registration.py).
+  call.chunk_states =
+      output({batch, dim, shape.n_chunks * shape.dstate}, u.options().dtype(acc));
   call.final_state = output({batch, dim, shape.dstate}, u.options().dtype(acc));
 
   ScanFwdParams& p = call.params;
@@ -185,8 +189,8 @@ ScanBwdCall prepare_scan_backward(const Tensor& dy, const OptTensor& dfinal_stat
   if (dfinal_state)
     check(*dfinal_state, "dfinal_state", {s.batch, s.dim, s.dstate}, "(batch, dim, N)", acc,
           "accumulation dtype");
-  check(chunk_states, "chunk_states", {s.batch, s.dim, s.n_chunks, s.dstate},
-        "(batch, dim, n_chunks, N), from forward", acc, "accumulation dtype");
+  check(chunk_states, "chunk_states", {s.batch, s.dim, s.n_chunks * s.dstate},
+        "(batch, dim, n_chunks·N), from forward", acc, "accumulation dtype");
   if (z)
     check(y_ungated, "y_ungated", {s.n_modalities, s.batch, s.dim, s.seqlen},
           "(M, batch, dim, L), from forward", dtype, "same as u");
@@ -211,7 +215,10 @@ ScanBwdCall prepare_scan_backward(const Tensor& dy, const OptTensor& dfinal_stat
   fill_scan_inputs(p, s, delta_softplus, u, delta, A, B, C, D, z, delta_bias, coupling);
   p.dy = arg(dy);
   p.dfinal_state = arg(dfinal_state);
+  // The kernels index (batch, dim, n_chunks, N): the chunk axis unfolded, for any strides.
   p.chunk_states = arg(chunk_states);
+  p.chunk_states.stride[2] = s.dstate * chunk_states.stride(2);
+  p.chunk_states.stride[3] = chunk_states.stride(2);
   p.y_ungated = z ? arg(y_ungated) : TensorArg{};
   p.du = call.du.data_ptr();
   p.ddelta = call.ddelta.data_ptr();

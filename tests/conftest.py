@@ -7,12 +7,21 @@ Why CUDA is left out is printed in pytest's header and by the skips of test_scan
 Outputs are poisoned with NaN before the kernels run (see below).
 """
 import os
+import shutil
+import tempfile
 from typing import Callable, Dict, Optional
 
 # Every output element a kernel must write starts as NaN (csrc/coupled_scan.cpp), so that
 # an element a kernel misses fails the comparisons instead of passing on stale memory.
 # Read once by the extension at its first call, so it is set before anything runs.
 os.environ.setdefault("COUPLED_MAMBA_POISON_OUTPUTS", "1")
+# A compile cache of its own per run: PyTorch's caches do not see a change of what a custom
+# operator returns, so graphs cached by an earlier build can fail to load (docs/building.md).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _COMPILE_CACHE = tempfile.mkdtemp(prefix="torchinductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _COMPILE_CACHE
+else:
+    _COMPILE_CACHE = None
 
 import pytest
 import torch
@@ -168,3 +177,9 @@ def scan_with_grads(scan: Callable, inputs: dict, dy: torch.Tensor,
     for name, grad in zip(names, grads):
         out["d" + name] = torch.zeros_like(args[name]) if grad is None else grad
     return out
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Removes the run's own compile cache (above)."""
+    if _COMPILE_CACHE is not None:
+        shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)

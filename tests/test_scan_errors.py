@@ -136,10 +136,10 @@ def test_scan_backward_op_checks_its_own_arguments():
                                               y_ungated=y_ungated)
     with pytest.raises(RuntimeError, match=re.escape(
             "coupled_selective_scan backward: argument 'chunk_states' expected shape "
-            "(2, 5, 1, 4) (batch, dim, n_chunks, N), from forward, got (2, 5, 2, 4)")):
+            "(2, 5, 4) (batch, dim, n_chunks·N), from forward, got (2, 5, 8)")):
         torch.ops.coupled_mamba.scan_backward(
             torch.zeros(M, BATCH, DIM, L), None, **args,
-            chunk_states=torch.zeros(BATCH, DIM, 2, N), y_ungated=y_ungated)
+            chunk_states=torch.zeros(BATCH, DIM, 2 * N), y_ungated=y_ungated)
 
 
 # ------------------------------------------------------------------------------ state update

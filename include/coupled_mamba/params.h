@@ -51,6 +51,7 @@ struct ScanFwdParams {
   void* y;             // (M, batch, dim, L), input dtype
   void* y_ungated;     // (M, batch, dim, L), input dtype; only written when z is present
   void* chunk_states;  // (batch, dim, n_chunks, N), accumulation dtype: G at each chunk start
+                       // (the op returns it as (batch, dim, n_chunks·N): coupled_scan.cpp)
   void* final_state;   // (batch, dim, N), accumulation dtype
 };
 
