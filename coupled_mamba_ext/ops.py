@@ -85,6 +85,25 @@ torch.library.register_autograd("coupled_mamba::scan", _scan_backward,
                                 setup_context=_scan_setup_context)
 
 
+# Without an autograd kernel, PyTorch lets a backward through these ops run and only warns,
+# leaving zero gradients (a gradient penalty through the scan's gradient silently came out
+# 0); so a backward through them raises instead, when it runs (create_graph=True alone is
+# fine as long as nothing differentiates the result).
+def _raise_on_backward(message: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(message)
+    return backward
+
+
+torch.library.register_autograd("coupled_mamba::scan_backward", _raise_on_backward(
+    "coupled_selective_scan: differentiating its gradient (double backward, e.g. "
+    "torch.autograd.grad(..., create_graph=True) and then a backward through that "
+    "gradient) is not implemented"))
+torch.library.register_autograd("coupled_mamba::state_update", _raise_on_backward(
+    "coupled_selective_state_update is not differentiable (it serves streaming "
+    "inference); train through coupled_selective_scan"))
+
+
 # ---------------------------------------------------------------------------- public API
 def _default_coupling(coupling: Optional[Tensor], u: Tensor) -> Tensor:
     if coupling is not None:
@@ -100,7 +119,8 @@ def coupled_selective_scan(
     coupling: Optional[Tensor] = None, initial_state: Optional[Tensor] = None,
     return_final_state: bool = False,
 ):
-    """Coupled selective scan over M modalities (SPEC §1), differentiable in every tensor.
+    """Coupled selective scan over M modalities (SPEC §1), differentiable in every tensor
+    (once: a backward through its gradient raises RuntimeError).
 
     Args:
         u, delta: (M, batch, dim, L) inputs and time steps; fp32, fp16 or bf16 (fp64 on CPU).
@@ -134,7 +154,8 @@ def coupled_selective_state_update(
     state: (batch, dim, N) fp32; u, delta, z: (M, batch, dim); B, C: (M, batch, N); A, D,
     delta_bias, coupling as in :func:`coupled_selective_scan`. Returns ``(y, new_state)``:
     y (M, batch, dim) in u's dtype, new_state (batch, dim, N) fp32. ``state`` is not modified.
-    Chained over t it equals the full scan. Not differentiable.
+    Chained over t it equals the full scan. Not differentiable: a backward
+    through it raises RuntimeError.
     """
     coupling = _default_coupling(coupling, u)
     return torch.ops.coupled_mamba.state_update(

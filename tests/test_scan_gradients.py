@@ -118,6 +118,21 @@ def test_cpu_backward_is_the_same_for_any_number_of_threads_and_correct():
         assert torch.equal(runs[0][key], runs[2][key]), f"{key}: 2 threads, run to run"
 
 
+def test_double_backward_raises_and_create_graph_alone_is_fine(device):
+    """Differentiating the scan's gradient is not implemented: the backward through it raises
+    (before, PyTorch only warned and left zero gradients). Taking the first gradient with
+    create_graph=True still gives it exactly."""
+    inputs = make_scan_inputs(2, 1, 3, 10, 4, device=device, seed=8)
+    u = inputs.pop("u").requires_grad_(True)
+    (plain,) = torch.autograd.grad(coupled_selective_scan(u, **inputs).square().sum(), u)
+    (grad,) = torch.autograd.grad(coupled_selective_scan(u, **inputs).square().sum(), u,
+                                  create_graph=True)
+    assert torch.equal(grad, plain)
+    with pytest.raises(RuntimeError, match=r"coupled_selective_scan: differentiating its "
+                                           r"gradient \(double backward"):
+        grad.sum().backward()
+
+
 # ------------------------------------------------------------------------------ gradcheck
 # softplus changes only how delta and delta_bias enter; the other arguments are checked with it.
 GRADCHECK_CASES = ([(name, True) for name in SCAN_TENSOR_ARGS]

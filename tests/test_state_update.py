@@ -84,3 +84,15 @@ def test_state_update_any_strides(device):
     y_s, new_state_s = coupled_selective_state_update(strided_state, **strided)
     assert_rel_close(y_s, y, 1e-6, "y")
     assert_rel_close(new_state_s, new_state, 1e-6, "new_state")
+
+
+def test_backward_through_the_step_raises(device):
+    """The step update has no gradient: a backward through it raises, naming the op (before,
+    PyTorch only warned and left the inputs' gradients at zero)."""
+    inputs = make_scan_inputs(2, 1, 3, 1, 4, device=device, seed=9)
+    state = inputs.pop("initial_state")
+    args = step_inputs(inputs, 0)
+    args["u"] = args["u"].clone().requires_grad_(True)
+    y, _ = coupled_selective_state_update(state, **args)
+    with pytest.raises(RuntimeError, match="coupled_selective_state_update is not differentiable"):
+        y.sum().backward()

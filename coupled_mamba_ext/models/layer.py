@@ -284,7 +284,7 @@ class CoupledMambaLayer(nn.Module):
 
         x: (M, batch, d_model), the inputs at time t. Returns (y, new_cache): y (M, batch,
         d_model) equals ``forward`` at time t of the sequence fed so far; `cache` is not
-        modified. Not differentiable (the single-step operator has no backward).
+        modified. Not differentiable (a backward through the single-step operator raises).
         """
         self._check_input(x, "x", "(M, batch, d_model)")
         u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)            # (M, batch, E) each
