@@ -8,6 +8,7 @@ below.
 from typing import Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import _C  # registers the operators; its constants describe the build
@@ -105,6 +106,22 @@ torch.library.register_autograd("coupled_mamba::state_update", _raise_on_backwar
 
 
 # ---------------------------------------------------------------------------- public API
+def _refuse_forward_ad(op: str, *tensors: Optional[Tensor]) -> None:
+    """Forward-mode differentiation (torch.func.jvp, torch.autograd.forward_ad) has no rule
+    for these operators, and PyTorch runs a custom operator on dual tensors by dropping
+    their tangents: the result's tangent came out zero, silently. Raise instead. Only looked
+    at inside a dual level or a torch.func transform (cheap otherwise), not under
+    torch.compile (which does not trace forward AD)."""
+    if torch.compiler.is_compiling():
+        return
+    if fwAD._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None:
+        return
+    if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError(f"{op}: forward-mode differentiation (torch.func.jvp, "
+                           "torch.autograd.forward_ad) is not implemented; use reverse mode "
+                           "(backward, torch.autograd.grad)")
+
+
 def _default_coupling(coupling: Optional[Tensor], u: Tensor) -> Tensor:
     if coupling is not None:
         return coupling
@@ -137,6 +154,8 @@ def coupled_selective_scan(
         y (M, batch, dim, L) in u's dtype; with ``return_final_state``, ``(y, final_state)``.
     Parameters given in float64 need float64 inputs (for gradcheck); otherwise float32.
     """
+    _refuse_forward_ad("coupled_selective_scan", u, delta, A, B, C, D, z, delta_bias, coupling,
+                       initial_state)
     coupling = _default_coupling(coupling, u)
     y, final_state, _, _ = torch.ops.coupled_mamba.scan(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, initial_state)
@@ -157,6 +176,8 @@ def coupled_selective_state_update(
     Chained over t it equals the full scan. Not differentiable: a backward
     through it raises RuntimeError.
     """
+    _refuse_forward_ad("coupled_selective_state_update", state, u, delta, A, B, C, D, z,
+                       delta_bias, coupling)
     coupling = _default_coupling(coupling, u)
     return torch.ops.coupled_mamba.state_update(
         state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling)

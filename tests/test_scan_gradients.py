@@ -2,6 +2,7 @@
 reference (SPEC §5: fp32 ≤ 1e-4, bf16 ≤ 3e-2), and torch.autograd.gradcheck in float64."""
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from conftest import (FWD_TOL, GRAD_TOL, SCAN_TENSOR_ARGS, assert_rel_close, make_scan_inputs,
                       scan_with_grads, to_reference)
@@ -131,6 +132,23 @@ def test_double_backward_raises_and_create_graph_alone_is_fine(device):
     with pytest.raises(RuntimeError, match=r"coupled_selective_scan: differentiating its "
                                            r"gradient \(double backward"):
         grad.sum().backward()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch.func
+def test_forward_mode_differentiation_raises(device):
+    """Forward mode has no rule: torch.func.jvp and a dual tensor of torch.autograd.forward_ad
+    raise, naming the op (before, the op ran and the output's tangent was silently zero)."""
+    inputs = make_scan_inputs(2, 1, 3, 10, 4, device=device, seed=9)
+    u = inputs.pop("u")
+    message = "coupled_selective_scan: forward-mode differentiation"
+    with pytest.raises(RuntimeError, match=message):
+        torch.func.jvp(lambda x: coupled_selective_scan(x, **inputs), (u,), (torch.ones_like(u),))
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match=message):
+        coupled_selective_scan(u, **dict(inputs, B=fwAD.make_dual(inputs["B"],
+                                                                  torch.ones_like(inputs["B"]))))
+    with fwAD.dual_level():  # a dual level without dual inputs is no reason to refuse
+        torch.testing.assert_close(coupled_selective_scan(u, **inputs),
+                                   coupled_selective_scan(u, **inputs))
 
 
 # ------------------------------------------------------------------------------ gradcheck

@@ -86,9 +86,10 @@ def test_state_update_any_strides(device):
     assert_rel_close(new_state_s, new_state, 1e-6, "new_state")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch.func
 def test_backward_through_the_step_raises(device):
     """The step update has no gradient: a backward through it raises, naming the op (before,
-    PyTorch only warned and left the inputs' gradients at zero)."""
+    PyTorch only warned and left the inputs' gradients at zero); so does forward mode."""
     inputs = make_scan_inputs(2, 1, 3, 1, 4, device=device, seed=9)
     state = inputs.pop("initial_state")
     args = step_inputs(inputs, 0)
@@ -96,3 +97,6 @@ def test_backward_through_the_step_raises(device):
     y, _ = coupled_selective_state_update(state, **args)
     with pytest.raises(RuntimeError, match="coupled_selective_state_update is not differentiable"):
         y.sum().backward()
+    with pytest.raises(RuntimeError, match="coupled_selective_state_update: forward-mode"):
+        torch.func.jvp(lambda x: coupled_selective_state_update(state, **dict(args, u=x))[0],
+                       (args["u"].detach(),), (torch.ones_like(args["u"]),))
