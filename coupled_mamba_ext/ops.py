@@ -114,7 +114,10 @@ def _refuse_forward_ad(op: str, *tensors: Optional[Tensor]) -> None:
     torch.compile (which does not trace forward AD)."""
     if torch.compiler.is_compiling():
         return
-    if fwAD._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None:
+    # Private PyTorch state; where a version lacks it, the tangents are always looked at.
+    level = getattr(fwAD, "_current_level", None)
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    if level is not None and level < 0 and peek is not None and peek() is None:
         return
     if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
         raise RuntimeError(f"{op}: forward-mode differentiation (torch.func.jvp, "
