@@ -270,18 +270,41 @@ def train_one_epoch(model, loader, optimizer, config: TrainConfig, process: Proc
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                disable=not process.is_main, dynamic_ncols=True)
-    for batch in bar:
+    for step, batch in enumerate(bar):
         batch = batch.to(process.device)
         with _autocast(process.device, config.amp):
             output = model(batch.xs, batch.lengths)
         loss = _loss(output, batch, config.task)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        _stop_if_diverged(model, loss, process, epoch, step)
         optimizer.step()
         total += loss.item() * len(batch.regression)
         count += len(batch.regression)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return total / max(count, 1)
+
+
+def _stop_if_diverged(model, loss: torch.Tensor, process: Process, epoch: int,
+                      step: int) -> None:
+    """Raises FloatingPointError, before the optimizer step, when the loss or a gradient is
+    not finite: one such step would turn every weight into NaN and the run would go on
+    training and reporting nothing. Decided by all ranks together (a rank raising alone
+    would leave the others waiting in the next all-reduce). The checkpoint of the last
+    finished epoch stays on disk."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    finite = torch.isfinite(loss.detach()) & torch.stack(
+        [torch.isfinite(g).all() for g in grads]).all()
+    diverged = (~finite).to(torch.float32)
+    if process.world_size > 1:
+        dist.all_reduce(diverged, op=dist.ReduceOp.MAX)
+    if diverged.item():
+        raise FloatingPointError(
+            f"training diverged at epoch {epoch + 1}, batch {step + 1}: loss {loss.item()}, "
+            "a loss or gradient on some rank is not finite. The checkpoint of the last "
+            "finished epoch is kept. Try a new run with a lower --lr, without --amp, or with "
+            "--coupling learned or mean (the plain sum grows with the length, docs/math.md "
+            "§5)")
 
 
 @torch.no_grad()

@@ -264,6 +264,28 @@ def test_deterministic_training_gives_the_same_bits(pickle_path, tmp_path, devic
         assert torch.equal(value, weights[1][name]), name
 
 
+def test_a_diverging_run_stops_with_a_clear_error(pickle_path, tmp_path, monkeypatch):
+    """A loss that is not finite (here the 5th batch's: epoch 2, batch 2 of 3) stops the run
+    before the optimizer step, naming where; the checkpoint of epoch 1 stays, finite. A
+    learning rate of 1e30 diverges on its own and is stopped the same way."""
+    real_loss, calls = training._loss, []
+
+    def loss_going_nan(output, batch, task):
+        calls.append(1)
+        loss = real_loss(output, batch, task)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(training, "_loss", loss_going_nan)
+    with pytest.raises(FloatingPointError, match="training diverged at epoch 2, batch 2"):
+        training.train(tiny_config(pickle_path, tmp_path / "nan", epochs=3))
+    saved = training.load_checkpoint(str(tmp_path / "nan" / "checkpoint.pt"))
+    assert saved["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+    monkeypatch.undo()
+    with pytest.raises(FloatingPointError, match="training diverged at epoch 1"):
+        training.train(tiny_config(pickle_path, tmp_path / "lr", epochs=1, lr=1e30))
+
+
 def test_classification_with_bf16_autocast(pickle_path, tmp_path):
     results = training.train(tiny_config(pickle_path, tmp_path, epochs=1, task="classification",
                                          fusion="average", amp="bf16"))
