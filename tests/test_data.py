@@ -78,6 +78,20 @@ def test_minus_inf_is_zeroed_without_touching_the_input():
     assert np.isneginf(raw["test"]["audio"][3, 2, 0])
 
 
+def test_nan_and_plus_inf_features_are_zeroed_with_a_warning():
+    """NaN and +inf are no dataset's format: zeroed like -inf, but with a warning naming the
+    split, the modality and the counts; -inf alone stays quiet (test above)."""
+    raw = fake_mmsa()
+    raw["valid"]["vision"][0, 1, :2] = np.nan
+    raw["valid"]["vision"][1, 0, 0] = np.inf
+    raw["valid"]["vision"][1, 0, 1] = -np.inf
+    with pytest.warns(UserWarning, match=r"split 'valid'\['vision'\]: 3 NaN or \+inf feature "
+                                         r"values set to 0 \(with 1 -inf\)"):
+        split = parse_mmsa(raw).splits["valid"]
+    assert np.all(np.isfinite(split.features[2]))
+    assert split.features[2][0, 1, 0] == 0 and split.features[2][1, 0, 1] == 0
+
+
 def test_labels_regression_and_classification():
     raw = fake_mmsa()
     data = parse_mmsa(raw)

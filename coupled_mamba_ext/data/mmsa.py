@@ -12,6 +12,7 @@ This module needs numpy and torch only; it does not load the compiled operator.
 import os
 import pickle
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
@@ -139,6 +140,21 @@ def _array(split: dict, key: str, where: str) -> np.ndarray:
         raise MMSAFormatError(f"{where}[{key!r}] is not an array: {err}") from err
 
 
+def _zero_non_finite(feats: np.ndarray, where: str) -> None:
+    """Sets every non-finite feature value to 0, in place. -inf is what MOSEI's audio holds
+    for silent frames and goes quietly; NaN or +inf are not part of any MMSA dataset's
+    format, so zeroing them gets a warning with the count."""
+    bad = ~np.isfinite(feats)
+    if not bad.any():
+        return
+    unexpected = int(np.count_nonzero(bad & ~np.isneginf(feats)))
+    if unexpected:
+        warnings.warn(f"{where}: {unexpected} NaN or +inf feature values set to 0 (with "
+                      f"{int(np.count_nonzero(bad)) - unexpected} -inf); the data may be "
+                      "corrupted")
+    feats[bad] = 0.0
+
+
 def _check_shape(arr: np.ndarray, expected: Sequence[Optional[int]], what: str) -> None:
     """expected: one entry per dimension, None where any size is fine."""
     ok = arr.ndim == len(expected) and all(e is None or e == s for e, s in zip(expected, arr.shape))
@@ -212,7 +228,7 @@ def _parse_split(split, name: str, source: str) -> MMSASplit:
         feats = _array(split, modality, where)
         _check_shape(feats, (n, None, None), f"{where}[{modality!r}]")
         feats = feats.astype(np.float32)  # always a copy: the caller's dict is left as it was
-        feats[~np.isfinite(feats)] = 0.0  # MOSEI audio holds -inf for silent frames
+        _zero_non_finite(feats, f"{where}[{modality!r}]")
         features.append(feats)
         same_padding = lengths and feats.shape[1] == features[0].shape[1]
         lengths.append(_true_lengths(split, modality, n, feats.shape[1],
