@@ -183,6 +183,34 @@ def test_stack_exports_with_a_dynamic_length(tmp_path):
             torch.testing.assert_close(exported.module()(x), expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_model_without_lengths_exports_with_a_dynamic_length(fusion):
+    """CoupledMamba called without lengths (every step valid) decides its common length from
+    the shapes alone, so torch.export takes it with the length dynamic: one program for
+    lengths within and across the scan's chunks, eager's outputs bit for bit."""
+    model = make_model(fusion)
+    L = torch.export.Dim("L", min=2, max=4096)
+    program = torch.export.export(model, (make_inputs(),),
+                                  dynamic_shapes=([{1: L}] * len(DIMS),))
+    for steps in (3, 64, 65, 200):
+        xs = make_inputs(steps=(steps,) * len(DIMS), seed=steps)
+        torch.testing.assert_close(program.module()(xs), model(xs), rtol=0, atol=0)
+
+
+def test_resampling_model_exports_with_dynamic_lengths_per_modality():
+    """With seq_len (unaligned data) each modality's length may be dynamic on its own: the
+    exported program resamples every one (eager skips a modality already at seq_len; the
+    resampling is then the identity up to rounding)."""
+    model = make_model(seq_len=12)
+    dims = [torch.export.Dim(f"L{m}", min=2, max=4096) for m in range(len(DIMS))]
+    program = torch.export.export(model, (make_inputs(steps=(10, 17, 30)),),
+                                  dynamic_shapes=([{1: d} for d in dims],))
+    for steps in ((5, 64, 100), (12, 12, 12), (70, 3, 12)):
+        xs = make_inputs(steps=steps, seed=sum(steps))
+        torch.testing.assert_close(program.module()(xs), model(xs), rtol=1e-6, atol=1e-6)
+
+
 def test_layer_bf16_autocast_keeps_fp32_parameters():
     torch.manual_seed(0)
     layer = CoupledMambaLayer(16, 3, d_state=8)

@@ -170,15 +170,31 @@ class CoupledMamba(nn.Module):
             checked.append(length.long())
         return checked
 
+    @staticmethod
+    def _has_length(x: Tensor, out_len) -> bool:
+        """Whether x already has out_len steps, so that resampling (the identity then, up to
+        rounding) can be skipped. Under torch.export with a dynamic length that comparison
+        would pin the length (to != out_len), so the exported program always resamples."""
+        if torch.compiler.is_exporting() and isinstance(out_len, int):
+            return False
+        return x.shape[1] == out_len
+
     def _to_common_length(self, xs: Sequence[Tensor], lengths: Optional[List[Tensor]]
                           ) -> Tuple[List[Tensor], Tensor]:
         """Resample every modality of every sample to the sample's common length (seq_len, or
         the longest true length among its modalities). Returns the modalities as tensors
         (batch, L, D_m) with one L, and the common lengths (batch,): steps at or beyond them
         are padding."""
+        batch, device = xs[0].shape[0], xs[0].device
         if lengths is None:
-            lengths = [torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
-                       for x in xs]
+            # Every step counts: decided by the shapes alone, with no value read back
+            # (which lets torch.export trace the model with the lengths dynamic).
+            out_len = self.seq_len or max(x.shape[1] for x in xs)
+            targets = torch.full((batch,), out_len, dtype=torch.long, device=device)
+            return [x if self._has_length(x, out_len) else
+                    segment_mean_resample(x, torch.full_like(targets, x.shape[1]), targets,
+                                          out_len)
+                    for x in xs], targets
         if self.seq_len is None:
             targets = torch.stack(lengths).amax(dim=0)
             out_len = int(targets.max())
