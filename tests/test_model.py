@@ -211,6 +211,27 @@ def test_resampling_model_exports_with_dynamic_lengths_per_modality():
         torch.testing.assert_close(program.module()(xs), model(xs), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fusion", ["coupled", "transformer"])
+@pytest.mark.parametrize("seq_len", [None, 12], ids=["aligned", "seq_len12"])
+def test_model_with_lengths_exports_with_dynamic_lengths(fusion, seq_len):
+    """With true lengths, every modality's length dynamic on its own: the exported program
+    (which resamples every modality and, without seq_len, keeps the longest padded length)
+    gives eager's outputs; lengths out of range fail when it runs, naming the argument."""
+    model = make_model(fusion, seq_len=seq_len)
+    dims = [torch.export.Dim(f"L{m}", min=2, max=4096) for m in range(len(DIMS))]
+    lengths = [torch.tensor([10, 4, 1]), torch.tensor([17, 9, 2]), torch.tensor([30, 2, 30])]
+    program = torch.export.export(model, (make_inputs(steps=(10, 17, 30)), lengths),
+                                  dynamic_shapes=([{1: d} for d in dims], [None] * len(DIMS)))
+    for steps in ((5, 64, 100), (12, 12, 12), (70, 3, 12)):
+        xs = make_inputs(steps=steps, seed=sum(steps))
+        lengths = [torch.tensor([n, max(1, n // 3), 1]) for n in steps]
+        torch.testing.assert_close(program.module()(xs, lengths), model(xs, lengths),
+                                   rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match=r"lengths\[0\]: expected values in \[1, L\]"):
+        program.module()(make_inputs(), [torch.tensor([STEPS + 1, 1, 1])] * len(DIMS))
+
+
 def test_layer_bf16_autocast_keeps_fp32_parameters():
     torch.manual_seed(0)
     layer = CoupledMambaLayer(16, 3, d_state=8)

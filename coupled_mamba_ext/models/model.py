@@ -163,7 +163,11 @@ class CoupledMamba(nn.Module):
             if length.dtype.is_floating_point or length.dtype.is_complex or \
                     length.dtype == torch.bool:
                 raise ValueError(f"lengths[{m}]: expected an integer dtype, got {length.dtype}")
-            if batch and (int(length.min()) < 1 or int(length.max()) > L):
+            if torch.compiler.is_exporting():  # values unknown while tracing: checked at run
+                torch._assert_async(((length >= 1) & (length <= L)).all(),
+                                    f"lengths[{m}]: expected values in [1, L] (L: the steps "
+                                    f"of xs[{m}])")
+            elif batch and (int(length.min()) < 1 or int(length.max()) > L):
                 raise ValueError(f"lengths[{m}]: expected values in [1, {L}] (xs[{m}] has "
                                  f"{L} steps), got values in [{int(length.min())}, "
                                  f"{int(length.max())}]")
@@ -195,15 +199,20 @@ class CoupledMamba(nn.Module):
                     segment_mean_resample(x, torch.full_like(targets, x.shape[1]), targets,
                                           out_len)
                     for x in xs], targets
+        # torch.export cannot trace a value read back from a tensor: an exported program
+        # resamples every modality, and without seq_len keeps the longest padded length
+        # (the steps past the longest true one are padding, masked either way).
+        exporting = torch.compiler.is_exporting()
         if self.seq_len is None:
             targets = torch.stack(lengths).amax(dim=0)
-            out_len = int(targets.max())
+            out_len = max(x.shape[1] for x in xs) if exporting else int(targets.max())
         else:
             targets = torch.full_like(lengths[0], self.seq_len)
             out_len = self.seq_len
         resampled = []
         for x, length in zip(xs, lengths):
-            already_there = x.shape[1] == out_len and torch.equal(length, targets)
+            already_there = (not exporting and x.shape[1] == out_len
+                             and torch.equal(length, targets))
             resampled.append(x if already_there else
                              segment_mean_resample(x, length, targets, out_len))
         return resampled, targets
