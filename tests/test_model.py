@@ -232,6 +232,30 @@ def test_model_with_lengths_exports_with_dynamic_lengths(fusion, seq_len):
         program.module()(make_inputs(), [torch.tensor([STEPS + 1, 1, 1])] * len(DIMS))
 
 
+@pytest.mark.slow
+def test_model_with_lengths_compiles_fullgraph():
+    """torch.compile(fullgraph=True) of the whole model called with true lengths: no graph
+    break (the traced program reads no value back), eager's outputs and gradients at two
+    lengths. The aot_eager backend: the capture is what is tested here, and inductor's C++
+    code generation for the whole model takes minutes on 2 cores."""
+    torch.manual_seed(0)
+    model = make_model(dropout=0.0)
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    for steps in (10, 70):
+        xs = make_inputs(steps=(steps,) * len(DIMS), seed=steps)
+        lengths = [torch.tensor([steps, steps - 1, 2])] * len(DIMS)
+        expected, got = model(xs, lengths), compiled(xs, lengths)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        expected.square().sum().backward()
+        got.square().sum().backward()
+        for (name, p), q in zip(model.named_parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"{name}: {m}")
+        model.zero_grad()
+        compiled_model.zero_grad()
+
+
 def test_layer_bf16_autocast_keeps_fp32_parameters():
     torch.manual_seed(0)
     layer = CoupledMambaLayer(16, 3, d_state=8)

@@ -163,7 +163,7 @@ class CoupledMamba(nn.Module):
             if length.dtype.is_floating_point or length.dtype.is_complex or \
                     length.dtype == torch.bool:
                 raise ValueError(f"lengths[{m}]: expected an integer dtype, got {length.dtype}")
-            if torch.compiler.is_exporting():  # values unknown while tracing: checked at run
+            if torch.compiler.is_compiling():  # values unknown while tracing: checked at run
                 torch._assert_async(((length >= 1) & (length <= L)).all(),
                                     f"lengths[{m}]: expected values in [1, L] (L: the steps "
                                     f"of xs[{m}])")
@@ -174,15 +174,6 @@ class CoupledMamba(nn.Module):
             checked.append(length.long())
         return checked
 
-    @staticmethod
-    def _has_length(x: Tensor, out_len) -> bool:
-        """Whether x already has out_len steps, so that resampling (the identity then, up to
-        rounding) can be skipped. Under torch.export with a dynamic length that comparison
-        would pin the length (to != out_len), so the exported program always resamples."""
-        if torch.compiler.is_exporting() and isinstance(out_len, int):
-            return False
-        return x.shape[1] == out_len
-
     def _to_common_length(self, xs: Sequence[Tensor], lengths: Optional[List[Tensor]]
                           ) -> Tuple[List[Tensor], Tensor]:
         """Resample every modality of every sample to the sample's common length (seq_len, or
@@ -190,28 +181,30 @@ class CoupledMamba(nn.Module):
         (batch, L, D_m) with one L, and the common lengths (batch,): steps at or beyond them
         are padding."""
         batch, device = xs[0].shape[0], xs[0].device
-        if lengths is None:
-            # Every step counts: decided by the shapes alone, with no value read back
-            # (which lets torch.export trace the model with the lengths dynamic).
+        # torch.compile / torch.export do not trace a value read back from a tensor (a graph
+        # break, or no export), and comparing a dynamic length with the constant seq_len
+        # would pin it (to != seq_len). So, traced: with seq_len or with lengths, every
+        # modality is resampled where eager skips one already at the common length (the
+        # identity then, up to rounding); with lengths but no seq_len, the longest padded
+        # length is kept (the steps past the longest true one are padding, masked either way).
+        tracing = torch.compiler.is_compiling()
+        if lengths is None:  # every step counts: decided by the shapes alone
             out_len = self.seq_len or max(x.shape[1] for x in xs)
             targets = torch.full((batch,), out_len, dtype=torch.long, device=device)
-            return [x if self._has_length(x, out_len) else
+            skip_check = tracing and self.seq_len is not None
+            return [x if not skip_check and x.shape[1] == out_len else
                     segment_mean_resample(x, torch.full_like(targets, x.shape[1]), targets,
                                           out_len)
                     for x in xs], targets
-        # torch.export cannot trace a value read back from a tensor: an exported program
-        # resamples every modality, and without seq_len keeps the longest padded length
-        # (the steps past the longest true one are padding, masked either way).
-        exporting = torch.compiler.is_exporting()
         if self.seq_len is None:
             targets = torch.stack(lengths).amax(dim=0)
-            out_len = max(x.shape[1] for x in xs) if exporting else int(targets.max())
+            out_len = max(x.shape[1] for x in xs) if tracing else int(targets.max())
         else:
             targets = torch.full_like(lengths[0], self.seq_len)
             out_len = self.seq_len
         resampled = []
         for x, length in zip(xs, lengths):
-            already_there = (not exporting and x.shape[1] == out_len
+            already_there = (not tracing and x.shape[1] == out_len
                              and torch.equal(length, targets))
             resampled.append(x if already_there else
                              segment_mean_resample(x, length, targets, out_len))
