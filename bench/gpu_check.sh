@@ -127,7 +127,7 @@ fi
 
 # ---------------------------------------------------------------------------- tests
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of flags
-run_stage cuda-tests 200 "$OUT/pytest_cuda.log" python3 -m pytest tests -m cuda $PYTEST_ARGS \
+run_stage cuda-tests 260 "$OUT/pytest_cuda.log" python3 -m pytest tests -m cuda $PYTEST_ARGS \
   --durations=10
 run_stage cpu-smoke 60 "$OUT/pytest_cpu.log" python3 -m pytest -q -m "not cuda" \
   tests/test_state_update.py tests/test_scan_errors.py \
