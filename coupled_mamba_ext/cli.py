@@ -84,6 +84,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int)
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
 
+    export = commands.add_parser("export", help="torch.export a saved model for inference")
+    export.add_argument("--checkpoint", required=True, help="best.pt or checkpoint.pt")
+    export.add_argument("--out", required=True, help="the .pt2 file to write")
+    export.add_argument("--device", help="device of the exported program (default: cuda when "
+                        "available, else cpu)")
+    export.add_argument("--max-steps", type=int, default=4096,
+                        help="longest sequence the program accepts, per modality")
+
     synthetic = commands.add_parser("synthetic",
                                     help="write the synthetic dataset as an MMSA pickle")
     synthetic.add_argument("--out", required=True, help="path of the pickle to write")
@@ -94,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``coupled-mamba``; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "export":
+        from . import train as training
+        training.export_checkpoint(args.checkpoint, args.out, args.device, args.max_steps)
+        print(f"wrote {args.out}")
+        return 0
     if args.command == "synthetic":
         from .data import write_synthetic
         write_synthetic(args.out, args.seed)

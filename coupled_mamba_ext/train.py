@@ -571,3 +571,30 @@ def evaluate_checkpoint(checkpoint: str, data: str, dataset: Optional[str] = Non
     return {split: evaluate(model, eval_loader(loaded, split, batch_size or config.batch_size),
                             config.task, loaded.info.metrics_dataset, dev, config.amp)[1]
             for split in splits}
+
+
+def export_checkpoint(checkpoint: str, out: str, device: Optional[str] = None,
+                      max_steps: int = 4096) -> None:
+    """torch.export of a saved model (best.pt or checkpoint.pt), for inference, written to
+    ``out`` (a .pt2 file for ``torch.export.load``). The program takes what the model takes,
+    ``(xs, lengths)``: M tensors (batch, L_m, features) and M integer tensors (batch,), with
+    the batch and every L_m dynamic (L_m from 2 to ``max_steps``). It runs in float32 (no
+    autocast, whatever the training's --amp); loading it needs this package imported, for
+    its operators. Outputs match the model run eagerly up to rounding (docs/api.md)."""
+    saved = load_checkpoint(checkpoint)
+    config = TrainConfig(**_with_fields_added_since(saved["config"]))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    input_dims = list(saved["input_dims"])
+    model = build_model(config, input_dims, saved["num_classes"]).to(dev).eval()
+    model.load_state_dict(saved["model"])
+    # Example steps differ per modality (and from 1): export must not tie them together.
+    steps = [8 + 3 * m for m in range(len(input_dims))]
+    xs = [torch.zeros(3, n, d, device=dev) for n, d in zip(steps, input_dims)]
+    lengths = [torch.full((3,), n, dtype=torch.long, device=dev) for n in steps]
+    batch = torch.export.Dim("batch", min=1, max=2 ** 20)
+    length_dims = [torch.export.Dim(f"steps_{m}", min=2, max=max_steps)
+                   for m in range(len(input_dims))]
+    program = torch.export.export(
+        model, (xs, lengths),
+        dynamic_shapes=([{0: batch, 1: dim} for dim in length_dims], [{0: batch}] * len(xs)))
+    torch.export.save(program, out)

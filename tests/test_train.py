@@ -8,7 +8,7 @@ import torch
 
 from coupled_mamba_ext import train as training
 from coupled_mamba_ext.cli import main
-from coupled_mamba_ext.data import load_mmsa, write_synthetic
+from coupled_mamba_ext.data import MMSADataset, collate_mmsa, load_mmsa, write_synthetic
 from coupled_mamba_ext.data.mmsa import atomic_write, write_pickle
 
 SIZES = {"train": 48, "valid": 16, "test": 16}
@@ -84,6 +84,27 @@ def test_a_killed_run_resumes_without_losing_epochs(pickle_path, tmp_path, monke
         assert torch.allclose(got["model"][name], weight, rtol=1e-6, atol=1e-7), name
     assert resumed["history"] == straight["history"]
     assert resumed["test"] == straight["test"]
+
+
+def test_export_writes_a_program_that_predicts_as_the_model(pickle_path, tmp_path, capsys):
+    """coupled-mamba export: the .pt2 program, loaded back, predicts the test split as the
+    saved model run eagerly, for a batch size and lengths other than those it was traced
+    with (one clip alone included)."""
+    training.train(tiny_config(pickle_path, tmp_path, epochs=1))
+    assert main(["export", "--checkpoint", str(tmp_path / "best.pt"), "--out",
+                 str(tmp_path / "model.pt2"), "--device", "cpu"]) == 0
+    assert "model.pt2" in capsys.readouterr().out
+    program = torch.export.load(str(tmp_path / "model.pt2")).module()
+    saved = training.load_checkpoint(str(tmp_path / "best.pt"))
+    model = training.build_model(training.TrainConfig(**saved["config"]), saved["input_dims"],
+                                 saved["num_classes"]).eval()
+    model.load_state_dict(saved["model"])
+    test = MMSADataset(load_mmsa(pickle_path).splits["test"])
+    for first, last in ((0, 7), (7, 8)):
+        batch = collate_mmsa([test[i] for i in range(first, last)])
+        with torch.no_grad():
+            torch.testing.assert_close(program(batch.xs, batch.lengths),
+                                       model(batch.xs, batch.lengths), rtol=1e-5, atol=1e-6)
 
 
 def test_resume_and_overwrite_are_explicit(pickle_path, tmp_path):
