@@ -292,9 +292,10 @@ def _stop_if_diverged(model, loss: torch.Tensor, process: Process, epoch: int,
     training and reporting nothing. Decided by all ranks together (a rank raising alone
     would leave the others waiting in the next all-reduce). The checkpoint of the last
     finished epoch stays on disk."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    finite = torch.isfinite(loss.detach()) & torch.stack(
-        [torch.isfinite(g).all() for g in grads]).all()
+    finite = torch.isfinite(loss.detach())
+    for p in model.parameters():
+        if p.grad is not None:
+            finite = finite & torch.isfinite(p.grad).all()
     diverged = (~finite).to(torch.float32)
     if process.world_size > 1:
         dist.all_reduce(diverged, op=dist.ReduceOp.MAX)
@@ -582,13 +583,15 @@ def export_checkpoint(checkpoint: str, out: str, device: Optional[str] = None,
     autocast, whatever the training's --amp); loading it needs this package imported, for
     its operators. Outputs match the model run eagerly up to rounding (docs/api.md)."""
     saved = load_checkpoint(checkpoint)
-    config = TrainConfig(**_with_fields_added_since(saved["config"]))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     input_dims = list(saved["input_dims"])
-    model = build_model(config, input_dims, saved["num_classes"]).to(dev).eval()
-    model.load_state_dict(saved["model"])
     # Example steps differ per modality (and from 1): export must not tie them together.
     steps = [8 + 3 * m for m in range(len(input_dims))]
+    if max_steps < max(steps):
+        raise ValueError(f"max_steps: expected at least {max(steps)}, got {max_steps}")
+    config = TrainConfig(**_with_fields_added_since(saved["config"]))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(config, input_dims, saved["num_classes"]).to(dev).eval()
+    model.load_state_dict(saved["model"])
     xs = [torch.zeros(3, n, d, device=dev) for n, d in zip(steps, input_dims)]
     lengths = [torch.full((3,), n, dtype=torch.long, device=dev) for n in steps]
     batch = torch.export.Dim("batch", min=1, max=2 ** 20)

@@ -105,6 +105,8 @@ def test_export_writes_a_program_that_predicts_as_the_model(pickle_path, tmp_pat
         with torch.no_grad():
             torch.testing.assert_close(program(batch.xs, batch.lengths),
                                        model(batch.xs, batch.lengths), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="max_steps: expected at least 14, got 10"):
+        training.export_checkpoint(str(tmp_path / "best.pt"), str(tmp_path / "x.pt2"), "cpu", 10)
 
 
 def test_resume_and_overwrite_are_explicit(pickle_path, tmp_path):
