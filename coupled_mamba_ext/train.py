@@ -292,10 +292,11 @@ def _stop_if_diverged(model, loss: torch.Tensor, process: Process, epoch: int,
     training and reporting nothing. Decided by all ranks together (a rank raising alone
     would leave the others waiting in the next all-reduce). The checkpoint of the last
     finished epoch stays on disk."""
-    finite = torch.isfinite(loss.detach())
-    for p in model.parameters():
-        if p.grad is not None:
-            finite = finite & torch.isfinite(p.grad).all()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    # One norm over all gradients (a foreach kernel): not finite iff some entry is not (or
+    # the gradients are past 1e19, diverged all the same).
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    finite = torch.isfinite(loss.detach()) & torch.isfinite(norm)
     diverged = (~finite).to(torch.float32)
     if process.world_size > 1:
         dist.all_reduce(diverged, op=dist.ReduceOp.MAX)
