@@ -63,6 +63,7 @@ except ImportError:  # a source checkout with the extension built in place
     import coupled_mamba_ext
 from coupled_mamba_ext import coupled_selective_scan
 from coupled_mamba_ext.reference import coupled_scan_ref
+from coupled_mamba_ext.train import deterministic_algorithms
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_SHAPES = {"short": (3, 32, 256, 50, 64), "long": (3, 4, 256, 2000, 16)}
@@ -368,15 +369,12 @@ def with_kernels(mapping, fn):
 def deterministic(fn):
     """fn() under torch.use_deterministic_algorithms(True) (the backward's sums over blocks
     through per-block slots, docs/kernels.md "Determinism"); None where that raises."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
     try:
-        return fn()
+        with deterministic_algorithms():
+            return fn()
     except RuntimeError as error:
         print(f"  deterministic: {str(error).splitlines()[0]}", flush=True)
         return None
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def run_cuda(args, report):

@@ -6,8 +6,8 @@ for NVIDIA's compute-sanitizer to watch (out-of-bounds and misaligned accesses w
 
 The shapes reach the kernels' edge cases (lanes per row 1 to 32, padding states, idle rows,
 chunks and tiles cut mid-way, more than 4 modalities, the backward's deterministic sums)
-while staying small enough to run under the sanitizer in seconds. `bash bench/gpu_check.sh` runs it when compute-sanitizer is
-on the machine.
+while staying small enough to run under the sanitizer in seconds. `bash bench/gpu_check.sh`
+runs it when compute-sanitizer is on the machine.
 """
 import os
 import sys
@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_scan import forward_backward, leaves, make_inputs, with_kernels  # noqa: E402
 from coupled_mamba_ext import coupled_selective_scan  # noqa: E402
+from coupled_mamba_ext.train import deterministic_algorithms  # noqa: E402
 
 # (M, batch, dim, L, N)
 SHAPES = [(3, 2, 40, 70, 16), (2, 1, 9, 130, 64), (4, 1, 5, 37, 136), (2, 1, 35, 12, 1),
@@ -26,23 +27,20 @@ SHAPES = [(3, 2, 40, 70, 16), (2, 1, 9, 130, 64), (4, 1, 5, 37, 136), (2, 1, 35,
 def main():
     if not torch.cuda.is_available():
         sys.exit("sanitize_scan: no CUDA device is visible")
+    def run(shape):
+        inputs = leaves(make_inputs(shape, torch.bfloat16, "cuda"))
+        dy = torch.randn(shape[:4], device="cuda").to(torch.bfloat16)
+        forward_backward(coupled_selective_scan, inputs, dy)
+        torch.cuda.synchronize()
+
     for mapping in ("state_lanes", "time_lanes"):
         for shape in SHAPES:
-            inputs = leaves(make_inputs(shape, torch.bfloat16, "cuda"))
-            dy = torch.randn(shape[:4], device="cuda").to(torch.bfloat16)
-            with_kernels(mapping, lambda: forward_backward(coupled_selective_scan, inputs, dy))
-            torch.cuda.synchronize()
+            with_kernels(mapping, lambda: run(shape))
     # The state-lanes backward's deterministic sums (per-block slots; M <= 4 only).
     deterministic_shapes = [shape for shape in SHAPES if shape[0] <= 4]
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         for shape in deterministic_shapes:
-            inputs = leaves(make_inputs(shape, torch.bfloat16, "cuda"))
-            dy = torch.randn(shape[:4], device="cuda").to(torch.bfloat16)
-            forward_backward(coupled_selective_scan, inputs, dy)
-            torch.cuda.synchronize()
-    finally:
-        torch.use_deterministic_algorithms(False)
+            run(shape)
     print(f"sanitize_scan: {len(SHAPES)} shapes x 2 mappings, forward + backward, bf16; "
           f"{len(deterministic_shapes)} shapes with deterministic sums")
 

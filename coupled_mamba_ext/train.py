@@ -421,11 +421,12 @@ def train(config: TrainConfig) -> Optional[dict]:
 
 
 @contextlib.contextmanager
-def deterministic_algorithms(enabled: bool):
-    """``--deterministic``: PyTorch's deterministic algorithms inside (the scan's CUDA backward
-    then sums over blocks in a fixed order, docs/api.md; an operation with no deterministic
-    form raises), cuBLAS's deterministic workspace, no cuDNN autotuning; the settings before
-    restored after. Without it: nothing changes."""
+def deterministic_algorithms(enabled: bool = True, warn_only: bool = False):
+    """``--deterministic`` (also for the tests and benchmarks): PyTorch's deterministic
+    algorithms inside (the scan's CUDA backward then sums over blocks in a fixed order,
+    docs/api.md; an operation with no deterministic form raises, or with ``warn_only``
+    warns), cuBLAS's deterministic workspace, no cuDNN autotuning; the settings before
+    restored after. Not enabled: nothing changes."""
     if not enabled:
         yield
         return
@@ -433,7 +434,7 @@ def deterministic_algorithms(enabled: bool):
               torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
     # Read when cuBLAS first runs; set before, it makes cuBLAS's reductions reproducible.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
     torch.backends.cudnn.benchmark = False
     try:
         yield

@@ -7,8 +7,6 @@ Every test of the other op test files that takes ``device`` also runs on "cuda" 
 ``cuda``), which covers opcheck, torch.compile, the step update, strides and errors on CUDA.
 Skipped, with the reason, where no CUDA device is visible or the build has no CUDA kernels.
 """
-import contextlib
-
 import pytest
 import torch
 
@@ -16,6 +14,7 @@ from conftest import (FWD_TOL, GRAD_TOL, assert_rel_close, make_scan_inputs,
                       map_tensors, param_dtype, requires_cuda, scan_with_grads, to_reference)
 from coupled_mamba_ext import coupled_selective_scan, coupled_selective_state_update
 from coupled_mamba_ext.reference import coupled_scan_ref
+from coupled_mamba_ext.train import deterministic_algorithms
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
@@ -84,18 +83,6 @@ def test_cuda_runs_on_the_current_stream():
     for key, value in expected.items():
         # Not bitwise: parameter gradients may be summed by atomics in any order.
         assert_rel_close(result[key], value, FWD_TOL[torch.float32], key)
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled=True, warn_only=False):
-    """torch.use_deterministic_algorithms(enabled, warn_only) inside, the setting before after."""
-    before = (torch.are_deterministic_algorithms_enabled(),
-              torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 # Many blocks adding into the same dB, dC (16 blocks of channels per batch index at N = 64,
