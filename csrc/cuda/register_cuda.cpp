@@ -88,12 +88,13 @@ void backward_state_lanes_deterministic(ScanBwdCall& call, InputDtype dtype,
   p.dD_slot_stride = p.shape.n_modalities * p.shape.dim;  // dD, dΔ-bias: (M, dim) each
   check_launch(coupled_scan_bwd_state_lanes_cuda(p, dtype, stream),
                "coupled_scan_bwd_state_lanes_cuda (deterministic)");
-  call.dB = dB.sum(0);
-  call.dC = dC.sum(0);
-  call.dA = dA.sum(0);
-  call.dcoupling = dcoupling.sum(0);
-  if (p.dD) call.dD = dD.sum(0);
-  if (p.ddelta_bias) call.ddelta_bias = ddelta_bias.sum(0);
+  // Into the gradients prepare_scan_backward allocated: no second tensor of each size.
+  at::sum_out(call.dB, dB, 0);
+  at::sum_out(call.dC, dC, 0);
+  at::sum_out(call.dA, dA, 0);
+  at::sum_out(call.dcoupling, dcoupling, 0);
+  if (p.dD) at::sum_out(call.dD, dD, 0);
+  if (p.ddelta_bias) at::sum_out(call.ddelta_bias, ddelta_bias, 0);
 }
 
 ScanFwdOutputs scan_cuda(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
