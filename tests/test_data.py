@@ -92,6 +92,54 @@ def test_nan_and_plus_inf_features_are_zeroed_with_a_warning():
     assert split.features[2][0, 1, 0] == 0 and split.features[2][1, 0, 1] == 0
 
 
+def test_non_finite_values_are_counted_across_blocks(monkeypatch):
+    """The scan for non-finite values goes a block of samples at a time (bounded masks); with
+    blocks of 2 samples the same values are zeroed and counted as with one block."""
+    import coupled_mamba_ext.data.mmsa as mmsa
+    monkeypatch.setattr(mmsa, "_VALUES_PER_BLOCK", 2 * 40 * 35)  # 2 samples of vision
+    raw = fake_mmsa(lengths=(50, 20, 40))
+    vision = raw["train"]["vision"]
+    vision[0, 0, 0] = vision[5, 3, 1] = vision[39, 39, 34] = np.nan  # first, middle, last
+    vision[6, 1, :3] = -np.inf
+    with pytest.warns(UserWarning, match=r"'train'\['vision'\]: 3 NaN or \+inf feature values "
+                                         r"set to 0 \(with 3 -inf\)"):
+        split = parse_mmsa(raw).splits["train"]
+    assert np.all(np.isfinite(split.features[2]))
+    assert np.count_nonzero(split.features[2] == 0) == 6
+
+
+def test_parse_without_copy_cleans_float32_in_place_and_converts_the_rest():
+    raw = fake_mmsa()
+    text = raw["test"]["text"]  # float32: cleaned in place and returned itself
+    text[2, 1, 0] = -np.inf
+    raw["test"]["audio"] = raw["test"]["audio"].astype(np.float64)  # converted to float32
+    split = parse_mmsa(raw, copy=False).splits["test"]
+    assert split.features[0] is text and text[2, 1, 0] == 0
+    assert split.features[1].dtype == np.float32
+    assert not any(m in raw["test"] for m in ("text", "audio", "vision"))  # handed over
+    assert "regression_labels" in raw["test"]
+
+
+def test_loading_a_pickle_does_not_copy_its_features(tmp_path):
+    """load_mmsa owns the unpickled dict, so its float32 features are not copied: the peak
+    of traced memory (numpy's allocations included) stays near the features' size, where a
+    copy of every split would take twice it."""
+    import tracemalloc
+    raw = fake_mmsa(lengths=(50, 100, 100))
+    feature_bytes = sum(raw[s][m].nbytes for s in raw for m in ("text", "audio", "vision"))
+    path = tmp_path / "data.pkl"
+    path.write_bytes(pickle.dumps(raw, protocol=4))
+    del raw
+    tracemalloc.start()
+    try:
+        data = load_mmsa(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sum(f.nbytes for s in data.splits.values() for f in s.features) == feature_bytes
+    assert peak < 1.5 * feature_bytes, (peak, feature_bytes)
+
+
 def test_labels_regression_and_classification():
     raw = fake_mmsa()
     data = parse_mmsa(raw)

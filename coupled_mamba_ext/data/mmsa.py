@@ -103,8 +103,12 @@ def read_pickle(path: Union[str, os.PathLike]) -> dict:
 
 def load_mmsa(path: Union[str, os.PathLike], dataset: Optional[str] = None) -> MMSAData:
     """Read and validate an MMSA pickle. ``dataset`` (a key of DATASETS) is recognised from
-    the feature sizes when not given. See ``parse_mmsa``."""
-    return parse_mmsa(read_pickle(path), dataset, source=str(path))
+    the feature sizes when not given. See ``parse_mmsa``.
+
+    The unpickled dict is this function's own, so its float32 features are cleaned in place
+    rather than copied: the peak memory stays about the file's size, not twice it (unaligned
+    MOSEI holds several GB of features)."""
+    return parse_mmsa(read_pickle(path), dataset, source=str(path), copy=False)
 
 
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:
@@ -140,19 +144,28 @@ def _array(split: dict, key: str, where: str) -> np.ndarray:
         raise MMSAFormatError(f"{where}[{key!r}] is not an array: {err}") from err
 
 
+# Samples per block when scanning features for non-finite values: the masks of a block
+# (a few bytes per value) then stay near 16 M values instead of the size of a whole split.
+_VALUES_PER_BLOCK = 1 << 24
+
+
 def _zero_non_finite(feats: np.ndarray, where: str) -> None:
     """Sets every non-finite feature value to 0, in place. -inf is what MOSEI's audio holds
     for silent frames and goes quietly; NaN or +inf are not part of any MMSA dataset's
     format, so zeroing them gets a warning with the count."""
-    bad = ~np.isfinite(feats)
-    if not bad.any():
-        return
-    unexpected = int(np.count_nonzero(bad & ~np.isneginf(feats)))
+    per_sample = max(1, int(np.prod(feats.shape[1:])))
+    block = max(1, _VALUES_PER_BLOCK // per_sample)
+    zeroed = unexpected = 0
+    for start in range(0, feats.shape[0], block):
+        part = feats[start:start + block]  # a view: zeroing it zeroes feats
+        bad = ~np.isfinite(part)
+        if bad.any():
+            zeroed += int(np.count_nonzero(bad))
+            unexpected += int(np.count_nonzero(bad & ~np.isneginf(part)))
+            part[bad] = 0.0
     if unexpected:
         warnings.warn(f"{where}: {unexpected} NaN or +inf feature values set to 0 (with "
-                      f"{int(np.count_nonzero(bad)) - unexpected} -inf); the data may be "
-                      "corrupted")
-    feats[bad] = 0.0
+                      f"{zeroed - unexpected} -inf); the data may be corrupted")
 
 
 def _check_shape(arr: np.ndarray, expected: Sequence[Optional[int]], what: str) -> None:
@@ -208,7 +221,21 @@ def _derived_classes(regression: np.ndarray, metrics_dataset: str) -> np.ndarray
     return sims_classes(np.clip(regression, -1, 1), 3).astype(np.int64)
 
 
-def _parse_split(split, name: str, source: str) -> MMSASplit:
+def _float32_features(split: dict, modality: str, n: int, where: str, copy: bool) -> np.ndarray:
+    """split[modality], checked to be (n, L, D), as float32 with its non-finite values zeroed.
+    copy=False: a writeable float32 array is cleaned in place and returned itself, and the
+    key leaves ``split``, so that an array of another dtype is freed once converted."""
+    feats = _array(split, modality, where)
+    _check_shape(feats, (n, None, None), f"{where}[{modality!r}]")
+    if not copy:
+        del split[modality]
+    if copy or feats.dtype != np.float32 or not feats.flags.writeable:
+        feats = feats.astype(np.float32)
+    _zero_non_finite(feats, f"{where}[{modality!r}]")
+    return feats
+
+
+def _parse_split(split, name: str, source: str, copy: bool) -> MMSASplit:
     """Validate and convert one split; classification_labels stays None when the split has
     none (they are derived once the dataset is known)."""
     where = f"{source}: split {name!r}"
@@ -225,10 +252,7 @@ def _parse_split(split, name: str, source: str) -> MMSASplit:
 
     features, lengths = [], []
     for modality in MODALITIES:
-        feats = _array(split, modality, where)
-        _check_shape(feats, (n, None, None), f"{where}[{modality!r}]")
-        feats = feats.astype(np.float32)  # always a copy: the caller's dict is left as it was
-        _zero_non_finite(feats, f"{where}[{modality!r}]")
+        feats = _float32_features(split, modality, n, where, copy)
         features.append(feats)
         same_padding = lengths and feats.shape[1] == features[0].shape[1]
         lengths.append(_true_lengths(split, modality, n, feats.shape[1],
@@ -254,11 +278,15 @@ def infer_dataset(feature_dims: Sequence[int]) -> DatasetInfo:
         f"dataset explicitly (--dataset)")
 
 
-def parse_mmsa(raw, dataset: Optional[str] = None, source: str = "MMSA data") -> MMSAData:
+def parse_mmsa(raw, dataset: Optional[str] = None, source: str = "MMSA data",
+               copy: bool = True) -> MMSAData:
     """Validate an unpickled MMSA dict and convert it for training.
 
     raw: {"train": split, "valid": split, "test": split} as described in the module docstring.
     dataset: a key of DATASETS; recognised from the feature sizes when None.
+    copy: True leaves ``raw`` and its arrays as they were (the features are converted into
+    new arrays). False hands ``raw`` over to save memory: float32 features are cleaned in
+    place and become the returned ones, and the feature keys are removed from ``raw``.
     Errors (MMSAFormatError) name the split and the missing key or the wrong shape.
     """
     if not isinstance(raw, dict):
@@ -269,7 +297,7 @@ def parse_mmsa(raw, dataset: Optional[str] = None, source: str = "MMSA data") ->
         raise MMSAFormatError(f"{source}: missing split {missing[0]!r} (has {sorted(raw)})")
     if dataset is not None and dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(DATASETS)}")
-    splits = {name: _parse_split(raw[name], name, source) for name in SPLITS}
+    splits = {name: _parse_split(raw[name], name, source, copy) for name in SPLITS}
     train_dims = [f.shape[-1] for f in splits["train"].features]
     for name in SPLITS[1:]:
         dims = [f.shape[-1] for f in splits[name].features]

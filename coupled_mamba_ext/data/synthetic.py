@@ -119,7 +119,8 @@ def make_synthetic(seed: int = 0, sizes: Dict[str, int] = None) -> dict:
 
 def load_synthetic(seed: int = 0, sizes: Dict[str, int] = None) -> MMSAData:
     """The synthetic dataset, validated and converted like an MMSA pickle."""
-    return parse_mmsa(make_synthetic(seed, sizes), "synthetic", source=f"synthetic(seed={seed})")
+    return parse_mmsa(make_synthetic(seed, sizes), "synthetic", source=f"synthetic(seed={seed})",
+                      copy=False)
 
 
 def write_synthetic(path: Union[str, os.PathLike], seed: int = 0,
