@@ -144,8 +144,8 @@ def _array(split: dict, key: str, where: str) -> np.ndarray:
         raise MMSAFormatError(f"{where}[{key!r}] is not an array: {err}") from err
 
 
-# Samples per block when scanning features for non-finite values: the masks of a block
-# (a few bytes per value) then stay near 16 M values instead of the size of a whole split.
+# Feature values per block (whole samples) when scanning for non-finite values: the masks
+# of a block (a few bytes per value) stay near 16 M values, not the size of a whole split.
 _VALUES_PER_BLOCK = 1 << 24
 
 
