@@ -16,6 +16,11 @@ Models (``--models``; ratios are taken against "coupled"):
     transformer_math  the same model with scaled_dot_product_attention forced to the math
                       backend, which materialises the (M*L)^2 attention matrix as a
                       textbook implementation does.
+    transformer_masked  the "transformer" model called with every true length given (all
+                      equal to L): attention then takes an all-valid key padding mask,
+                      which keeps it off PyTorch's fast paths. Until 2026-11-28 the model
+                      built that mask even without lengths, so "transformer" was measured
+                      this way (docs/benchmarks.md).
 
 Memory is the peak over the call minus the memory held just before it (model weights and,
 for the training step, no gradients). The inputs are created inside the measured window,
@@ -51,13 +56,13 @@ except ImportError:  # run from a source checkout with the extension built in pl
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from coupled_mamba_ext.models import CoupledMamba
 
-MODELS = ("coupled", "transformer", "transformer_math")
+MODELS = ("coupled", "transformer", "transformer_math", "transformer_masked")
 MODES = ("inference", "train")
 PAPER_L = 500
 PAPER_TIME_SAVING = 49.0     # % less inference time than a Transformer at L = 500 (§4.4)
 PAPER_MEMORY_SAVING = 83.7   # % less GPU memory than a Transformer at L = 500 (Figure 3)
 DEFAULTS = {  # device -> (batch, lengths, models, warmup, repeats)
-    "cpu": (4, [50, 100, 200, 500], ["coupled", "transformer"], 1, 3),
+    "cpu": (4, [50, 100, 200, 500], ["coupled", "transformer", "transformer_masked"], 1, 3),
     "cuda": (32, [50, 100, 200, 500, 1000, 2000], list(MODELS), 3, 10),
 }
 
@@ -129,14 +134,17 @@ def attention_backend(name: str):
 def run_once(model: CoupledMamba, name: str, mode: str, xs: List[torch.Tensor]) -> None:
     """One inference call (eval, inference_mode) or one training step (train mode, forward,
     L1 loss, backward; gradients are dropped afterwards, no optimizer)."""
+    lengths = None
+    if name == "transformer_masked":  # every length given: an all-valid padding mask
+        lengths = [torch.full((x.shape[0],), x.shape[1], device=x.device) for x in xs]
     with attention_backend(name):
         if mode == "inference":
             model.eval()
             with torch.inference_mode():
-                model(xs)
+                model(xs, lengths)
         else:
             model.train()
-            loss = model(xs).abs().mean()
+            loss = model(xs, lengths).abs().mean()
             loss.backward()
             model.zero_grad(set_to_none=True)
 
@@ -357,7 +365,8 @@ def plot(results: dict, args, device_label: str) -> List[str]:
     import matplotlib.ticker
     os.makedirs(args.out, exist_ok=True)
     styles = {"coupled": ("Coupled Mamba", "o-"), "transformer": ("Transformer", "s--"),
-              "transformer_math": ("Transformer (math attention)", "^:")}
+              "transformer_math": ("Transformer (math attention)", "^:"),
+              "transformer_masked": ("Transformer, all-valid padding mask", "v-.")}
     figures = [("memory", "peak_bytes", 2**20, "peak memory above weights (MiB)",
                 "fig3_memory_vs_length.png"),
                ("time", "time_s", 1e-3, "time per call (ms)", "fig4_time_vs_length.png")]

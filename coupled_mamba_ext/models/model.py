@@ -235,9 +235,13 @@ class CoupledMamba(nn.Module):
         xs, common_lengths = self._to_common_length(xs, lengths)
         h = self.dropout(torch.stack([project(x) for project, x in
                                       zip(self.input_projections, xs)]))  # (M, batch, L, d)
-        valid_mask = torch.arange(h.shape[2], device=h.device) < common_lengths[:, None]
-        # Attention weighs masked steps by 0, but 0 * inf is NaN: zero the padding.
-        h = h.masked_fill(~valid_mask[None, :, :, None], 0.0)
+        # Without lengths every step is valid: no mask (attention then takes no padding
+        # mask, which torch 2.11's export could not trace with a dynamic length).
+        valid_mask = None
+        if lengths is not None:
+            valid_mask = torch.arange(h.shape[2], device=h.device) < common_lengths[:, None]
+            # Attention weighs masked steps by 0, but 0 * inf is NaN: zero the padding.
+            h = h.masked_fill(~valid_mask[None, :, :, None], 0.0)
         features = self.final_norm(self.encoder(h, valid_mask))             # (S, batch, L, d)
         return self._predict(masked_pool(features, common_lengths, self.pooling))
 
