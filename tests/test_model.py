@@ -369,6 +369,17 @@ def test_padding_beyond_lengths_does_not_change_output(fusion, steps):
     torch.testing.assert_close(padded, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_no_lengths_means_every_step_is_valid(fusion):
+    """Without lengths the encoders get no mask at all; that is the same model as with every
+    true length given (an all-valid mask), up to rounding."""
+    model = make_model(fusion)
+    xs = make_inputs((10, 23, 16))
+    full = [torch.full((x.shape[0],), x.shape[1]) for x in xs]
+    with torch.no_grad():
+        torch.testing.assert_close(model(xs), model(xs, full), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("pooling", ["mean", "last", "max"])
 @pytest.mark.parametrize("seq_len", [None, 6])
 def test_each_sample_depends_only_on_its_true_steps(pooling, seq_len):
