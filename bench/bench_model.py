@@ -20,7 +20,9 @@ Models (``--models``; ratios are taken against "coupled"):
                       equal to L): attention then takes an all-valid key padding mask,
                       which keeps it off PyTorch's fast paths. Until 2026-11-28 the model
                       built that mask even without lengths, so "transformer" was measured
-                      this way (docs/benchmarks.md).
+                      this way (docs/benchmarks.md). Its time also includes the model's
+                      check of the lengths, which the old behaviour did not have (small
+                      against attention at the lengths where the mask matters).
 
 Memory is the peak over the call minus the memory held just before it (model weights and,
 for the training step, no gradients). The inputs are created inside the measured window,
