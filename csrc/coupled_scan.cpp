@@ -234,6 +234,28 @@ ScanBwdCall prepare_scan_backward(const Tensor& dy, const OptTensor& dfinal_stat
   return call;
 }
 
+namespace {
+bool has_no_work(const ScanShape& s) { return s.batch == 0 || s.dim == 0 || s.seqlen == 0; }
+}  // namespace
+
+bool ScanFwdCall::complete_without_kernel(const OptTensor& initial_state) {
+  if (!has_no_work(params.shape)) return false;
+  if (initial_state)
+    final_state.copy_(*initial_state);
+  else
+    final_state.zero_();
+  return true;  // y, y_ungated and chunk_states have no element (L = 0 or no row)
+}
+
+bool ScanBwdCall::complete_without_kernel(const OptTensor& dfinal_state) {
+  if (!has_no_work(params.shape)) return false;
+  if (dfinal_state)
+    dinitial_state.copy_(*dfinal_state);
+  else
+    dinitial_state.zero_();
+  return true;  // du, ddelta, dz have no element; dA, dB, ... were allocated as zeros
+}
+
 ScanBwdOutputs ScanBwdCall::finish() const {
   const auto input_dtype = du.scalar_type();
   const Tensor dinit = has_initial_state ? dinitial_state : at::empty({0}, dA.options());
@@ -271,7 +293,7 @@ std::tuple<Tensor, Tensor> state_update_via_scan(
   ScanFwdCall call =
       prepare_scan_forward(one_step(u), one_step(delta), A, one_step(B), one_step(C), D, z_step,
                            delta_bias, delta_softplus, coupling, state, op);
-  launch_forward(call);
+  if (!call.complete_without_kernel(state)) launch_forward(call);
   return {call.y.squeeze(-1), call.final_state};
 }
 

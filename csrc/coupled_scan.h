@@ -26,6 +26,10 @@ struct ScanFwdCall {
   ScanFwdParams params;
   Tensor y, final_state, chunk_states, y_ungated;
   ScanFwdOutputs outputs() const { return {y, final_state, chunk_states, y_ungated}; }
+  // A call with no row (batch or dim 0) or no step (L = 0) has nothing for a kernel to do
+  // (and a launch of no blocks is an error on CUDA): fills what the outputs still hold (the
+  // final state is the initial one) and returns true; returns false otherwise.
+  bool complete_without_kernel(const OptTensor& initial_state);
 };
 
 struct ScanBwdCall {
@@ -34,6 +38,9 @@ struct ScanBwdCall {
   Tensor du, ddelta, dz, dA, dB, dC, dD, ddelta_bias, dcoupling, dinitial_state;
   bool has_initial_state = false;
   ScanBwdOutputs finish() const;
+  // The backward's counterpart of ScanFwdCall::complete_without_kernel: with no row or no
+  // step every gradient is empty or zero but the initial state's, which is the final one's.
+  bool complete_without_kernel(const OptTensor& dfinal_state);
 };
 
 ScanFwdCall prepare_scan_forward(const Tensor& u, const Tensor& delta, const Tensor& A,

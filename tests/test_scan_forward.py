@@ -1,6 +1,6 @@
 """Forward correctness of coupled_selective_scan against the float64 reference (SPEC §1, §2,
-§4, §5): shapes, dtypes, optional arguments, strides, L = 0, the M = 1 Mamba equivalence, the
-coupling's stability, and non-finite inputs."""
+§4, §5): shapes, dtypes, optional arguments, strides, L = 0, an empty batch or no channels,
+the M = 1 Mamba equivalence, the coupling's stability, and non-finite inputs."""
 import random
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 from conftest import (FWD_TOL, GRAD_TOL, assert_rel_close, make_scan_inputs, param_dtype,
                       scan_with_grads, to_reference)
-from coupled_mamba_ext import coupled_selective_scan
+from coupled_mamba_ext import coupled_selective_scan, coupled_selective_state_update
 from coupled_mamba_ext.reference import coupled_scan_ref, mamba_scan_ref
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -191,6 +191,29 @@ def test_empty_sequence(device):
         assert torch.count_nonzero(grads["d" + name]) == 0, name
     for name in ("u", "delta", "B", "C", "z"):
         assert grads["d" + name].shape == inputs[name].shape, name
+
+
+@pytest.mark.parametrize("batch, dim", [(0, 4), (2, 0), (0, 0)], ids=["batch0", "dim0", "both0"])
+def test_no_rows(device, batch, dim):
+    """An empty batch or no channels: the scan, its backward and the step give the shapes
+    and values the float64 reference gives (empty, or zero gradients), without a kernel
+    launch; a backward with dim = 0 once divided by zero in the CPU kernel (SIGFPE)."""
+    inputs = make_scan_inputs(3, batch, dim, 70, 8, device=device, seed=5)
+    dy = torch.zeros(3, batch, dim, 70, dtype=torch.float64)
+    dfinal = torch.zeros(batch, dim, 8, dtype=torch.float64)
+    out = scan_with_grads(coupled_selective_scan, inputs, dy.to(device, torch.float32),
+                          dfinal.to(device))
+    ref = scan_with_grads(coupled_scan_ref, to_reference(inputs), dy, dfinal)
+    assert out.keys() == ref.keys()
+    for key, expected in ref.items():
+        assert out[key].shape == expected.shape, key
+        torch.testing.assert_close(out[key].cpu().double(), expected, rtol=0, atol=0, msg=key)
+
+    step = {name: inputs[name][..., 0] for name in ("u", "delta", "B", "C", "z")}
+    rest = {name: inputs[name] for name in ("A", "D", "delta_bias", "coupling")}
+    y, new_state = coupled_selective_state_update(inputs["initial_state"], **step, **rest,
+                                                  delta_softplus=True)
+    assert y.shape == (3, batch, dim) and new_state.shape == (batch, dim, 8)
 
 
 def _ones_and_normalised_states(device, lengths):

@@ -19,7 +19,7 @@ ScanFwdOutputs scan_cpu(const Tensor& u, const Tensor& delta, const Tensor& A, c
                         const OptTensor& initial_state) {
   ScanFwdCall call = prepare_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                           coupling, initial_state, "coupled_selective_scan");
-  launch_forward_cpu(call);
+  if (!call.complete_without_kernel(initial_state)) launch_forward_cpu(call);
   return call.outputs();
 }
 
@@ -32,6 +32,7 @@ ScanBwdOutputs scan_backward_cpu(const Tensor& dy, const OptTensor& dfinal_state
   ScanBwdCall call = prepare_scan_backward(dy, dfinal_state, u, delta, A, B, C, D, z, delta_bias,
                                            delta_softplus, coupling, initial_state, chunk_states,
                                            y_ungated);
+  if (call.complete_without_kernel(dfinal_state)) return call.finish();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "coupled_scan_bwd_cpu",
                                   [&] { coupled_scan_bwd_cpu<scalar_t>(call.params); });
   return call.finish();

@@ -103,14 +103,7 @@ ScanFwdOutputs scan_cuda(const Tensor& u, const Tensor& delta, const Tensor& A, 
                          const OptTensor& initial_state) {
   ScanFwdCall call = prepare_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                           coupling, initial_state, "coupled_selective_scan");
-  if (call.params.shape.seqlen == 0) {  // no step: the final state is the initial one
-    if (initial_state)
-      call.final_state.copy_(*initial_state);
-    else
-      call.final_state.zero_();
-    return call.outputs();
-  }
-  launch_forward_cuda(call);
+  if (!call.complete_without_kernel(initial_state)) launch_forward_cuda(call);
   return call.outputs();
 }
 
@@ -125,13 +118,7 @@ ScanBwdOutputs scan_backward_cuda(const Tensor& dy, const OptTensor& dfinal_stat
                                            delta_softplus, coupling, initial_state, chunk_states,
                                            y_ungated);
   const c10::cuda::CUDAGuard guard(u.device());
-  if (call.params.shape.seqlen == 0) {  // no step: the initial state's gradient is the final one's
-    if (dfinal_state)
-      call.dinitial_state.copy_(*dfinal_state);
-    else
-      call.dinitial_state.zero_();
-    return call.finish();
-  }
+  if (call.complete_without_kernel(dfinal_state)) return call.finish();
   const char* op = "coupled_selective_scan backward";
   const InputDtype dtype = input_dtype(u, op);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
