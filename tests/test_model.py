@@ -380,6 +380,21 @@ def test_no_lengths_means_every_step_is_valid(fusion):
         torch.testing.assert_close(model(xs), model(xs, full), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["no-lengths", "lengths"])
+def test_empty_batch(fusion, with_lengths):
+    """A batch of no samples (the last of a filtered dataset, say) gives no predictions and
+    a backward pass, with or without lengths (it once stopped at the longest length of no
+    sample, and at MultiheadAttention's reshape of an empty mask)."""
+    model = make_model(fusion).train()
+    xs = make_inputs((10, 23, 16), batch=0)
+    lengths = [torch.zeros(0, dtype=torch.long)] * 3 if with_lengths else None
+    out = model(xs, lengths)
+    assert out.shape == (0,)
+    out.sum().backward()
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+
+
 @pytest.mark.parametrize("pooling", ["mean", "last", "max"])
 @pytest.mark.parametrize("seq_len", [None, 6])
 def test_each_sample_depends_only_on_its_true_steps(pooling, seq_len):

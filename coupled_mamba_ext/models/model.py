@@ -198,7 +198,9 @@ class CoupledMamba(nn.Module):
                     for x in xs], targets
         if self.seq_len is None:
             targets = torch.stack(lengths).amax(dim=0)
-            out_len = max(x.shape[1] for x in xs) if tracing else int(targets.max())
+            # An empty batch has no longest true length: it keeps the longest padded one.
+            out_len = (max(x.shape[1] for x in xs) if tracing or batch == 0
+                       else int(targets.max()))
         else:
             targets = torch.full_like(lengths[0], self.seq_len)
             out_len = self.seq_len
@@ -239,8 +241,10 @@ class CoupledMamba(nn.Module):
         # changed nothing but kept attention off PyTorch's fast paths (the Transformer's
         # inference at L = 500 took 2.4x as long on the CPU) and stopped torch 2.11's export
         # with a dynamic length.
+        # An empty batch has nothing to mask (and MultiheadAttention cannot reshape an empty
+        # mask).
         valid_mask = None
-        if lengths is not None:
+        if lengths is not None and h.shape[1] > 0:
             valid_mask = torch.arange(h.shape[2], device=h.device) < common_lengths[:, None]
             # Attention weighs masked steps by 0, but 0 * inf is NaN: zero the padding.
             h = h.masked_fill(~valid_mask[None, :, :, None], 0.0)
