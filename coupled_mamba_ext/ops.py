@@ -128,8 +128,9 @@ def _refuse_forward_ad(op: str, *tensors: Optional[Tensor]) -> None:
 def _default_coupling(coupling: Optional[Tensor], u: Tensor) -> Tensor:
     if coupling is not None:
         return coupling
-    M = u.shape[0]
-    return torch.full((M,), 1.0 / M, dtype=_compute_dtype(u.dtype), device=u.device)
+    # No modality (or u of no dimension) is left to the operator's check, which names it.
+    M = u.shape[0] if u.dim() > 0 else 0
+    return torch.full((M,), 1.0 / max(M, 1), dtype=_compute_dtype(u.dtype), device=u.device)
 
 
 def coupled_selective_scan(

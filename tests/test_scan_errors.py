@@ -106,6 +106,13 @@ SCAN_CASES = [
     ("M-0", _set(**{k: (lambda k: lambda x: x[k][:0])(k)
                     for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "coupling")}),
      "argument 'u' expected 1 to 16 modalities along dim 0, got 0"),
+    ("M-0-default-coupling",
+     _set(**{k: (lambda k: lambda x: x[k][:0])(k)
+             for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")},
+          coupling=lambda _: None),
+     "argument 'u' expected 1 to 16 modalities along dim 0, got 0"),
+    ("u-0-dims", _set(u=lambda _: torch.tensor(1.0), coupling=lambda _: None),
+     "argument 'u' expected 4 dims (M, batch, dim, L), got 0 dims with shape ()"),
 ]
 
 
@@ -118,7 +125,7 @@ def test_scan_rejects_bad_input(make, message):
     # The registered op checks too: torch.ops.coupled_mamba.scan called directly is public.
     args = dict(inputs)
     if args["coupling"] is None:
-        args["coupling"] = torch.full((args["u"].shape[0],), 1.0)
+        args["coupling"] = torch.full((args["u"].shape[0] if args["u"].dim() else M,), 1.0)
     with pytest.raises(RuntimeError, match=re.escape(f"{SCAN}: {message}")):
         torch.ops.coupled_mamba.scan(**args)
 
