@@ -7,9 +7,11 @@
 Run ``coupled-mamba COMMAND --help`` for every option; docs/training.md explains them.
 """
 import argparse
+import sys
 from typing import List, Optional
 
-from .data import DATASETS, SPLITS
+from .data import DATASETS, SPLITS, MMSAFormatError
+from .errors import UsageError
 from .models import COUPLINGS, FUSIONS
 
 
@@ -99,9 +101,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A mistake in the command or in the files it names (missing, unreadable, not an MMSA
+# pickle, a run already there), or a diverged run: printed as one message, exit status 2
+# (argparse's for a bad option). A traceback would bury the message and is no help there.
+USER_ERRORS = (UsageError, MMSAFormatError, OSError, FloatingPointError)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``coupled-mamba``; returns the exit status."""
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except USER_ERRORS as err:
+        print(f"coupled-mamba {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from . import train as training
         training.export_checkpoint(args.checkpoint, args.out, args.device, args.max_steps)
@@ -113,7 +129,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"wrote {args.out}")
         return 0
 
-    # The trainer imports the model, hence the compiled operator: only when needed.
     from . import train as training
     if args.command == "train":
         options = {k: v for k, v in vars(args).items() if k != "command"}

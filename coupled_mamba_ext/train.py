@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .data import MMSAData, MMSADataset, collate_mmsa, load_mmsa, load_synthetic
 from .data.mmsa import atomic_write
 from .data.synthetic import DEFAULT_SIZES as SYNTHETIC_DEFAULT_SIZES
+from .errors import UsageError
 from .metrics import classification_metrics, msa_metrics
 from .models import CoupledMamba
 from .models.layer import StackedLayerNorm
@@ -129,24 +130,24 @@ def load_data(data: str, dataset: Optional[str] = None, data_seed: int = 0,
 def check_config(config: TrainConfig) -> None:
     """Reject option combinations the model would otherwise ignore or fail on later."""
     if config.dt_rank is not None and config.dt_rank < 1:
-        raise ValueError(f"--dt-rank: expected an int >= 1, got {config.dt_rank}")
+        raise UsageError(f"--dt-rank: expected an int >= 1, got {config.dt_rank}")
     if config.synthetic_train_size is not None:
         if config.data != "synthetic":
-            raise ValueError("--synthetic-train-size: only for --data synthetic")
+            raise UsageError("--synthetic-train-size: only for --data synthetic")
         if config.synthetic_train_size < 1:
-            raise ValueError(f"--synthetic-train-size: expected an int >= 1, got "
+            raise UsageError(f"--synthetic-train-size: expected an int >= 1, got "
                              f"{config.synthetic_train_size}")
     # Called before the dataset's defaults are filled in (to fail before loading the data)
     # and after (for a given bound against a default one): a None is not checked yet.
     if config.dt_min is not None and config.dt_max is not None and \
             not 0 < config.dt_min <= config.dt_max:
-        raise ValueError(f"--dt-min / --dt-max: expected 0 < dt_min <= dt_max, got "
+        raise UsageError(f"--dt-min / --dt-max: expected 0 < dt_min <= dt_max, got "
                          f"{config.dt_min} and {config.dt_max}")
     if config.weight_decay_on is not None and config.weight_decay_on not in WEIGHT_DECAY_ON:
-        raise ValueError(f"--weight-decay-on: expected one of {WEIGHT_DECAY_ON}, got "
+        raise UsageError(f"--weight-decay-on: expected one of {WEIGHT_DECAY_ON}, got "
                          f"{config.weight_decay_on!r}")
     if config.coupling != "learned" and config.fusion != "coupled":
-        raise ValueError(f"--coupling {config.coupling}: only --fusion coupled has a coupling, "
+        raise UsageError(f"--coupling {config.coupling}: only --fusion coupled has a coupling, "
                          f"this run has --fusion {config.fusion}")
 
 
@@ -400,7 +401,7 @@ def _check_resumable(saved: dict, config: TrainConfig) -> None:
     saved = _with_fields_added_since(saved)
     changed = [k for k in _RUN_IDENTITY if saved[k] != current[k]]
     if changed:
-        raise ValueError("--resume: the checkpoint was trained with different settings: " +
+        raise UsageError("--resume: the checkpoint was trained with different settings: " +
                          ", ".join(f"{k}={saved[k]!r} (now {current[k]!r})" for k in changed))
 
 
@@ -451,7 +452,7 @@ def _train(config: TrainConfig, process: Process) -> Optional[dict]:
     config = resolve_defaults(config, data)
     check_config(config)
     if config.batch_size % process.world_size:
-        raise ValueError(f"--batch-size {config.batch_size} (the global batch) must be divisible "
+        raise UsageError(f"--batch-size {config.batch_size} (the global batch) must be divisible "
                          f"by the number of processes {process.world_size}")
     os.makedirs(config.out, exist_ok=True)
     checkpoint_path = os.path.join(config.out, CHECKPOINT)
@@ -566,7 +567,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, dataset: Optional[str] = Non
     loaded = load_data(data, dataset or config.dataset, config.data_seed,
                        config.synthetic_train_size if data == "synthetic" else None)
     if loaded.feature_dims != list(saved["input_dims"]):
-        raise ValueError(f"{checkpoint} was trained on feature sizes {saved['input_dims']}, "
+        raise UsageError(f"{checkpoint} was trained on feature sizes {saved['input_dims']}, "
                          f"but {data} has {loaded.feature_dims}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(config, loaded.feature_dims, saved["num_classes"]).to(dev)
@@ -589,7 +590,7 @@ def export_checkpoint(checkpoint: str, out: str, device: Optional[str] = None,
     # Example steps differ per modality (and from 1): export must not tie them together.
     steps = [8 + 3 * m for m in range(len(input_dims))]
     if max_steps < max(steps):
-        raise ValueError(f"max_steps: expected at least {max(steps)}, got {max_steps}")
+        raise UsageError(f"max_steps: expected at least {max(steps)}, got {max_steps}")
     config = TrainConfig(**_with_fields_added_since(saved["config"]))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(config, input_dims, saved["num_classes"]).to(dev).eval()

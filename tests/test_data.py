@@ -177,6 +177,8 @@ def test_labels_regression_and_classification():
     (lambda raw: raw["test"].update(audio=np.zeros((12, 500, 73))), "feature sizes"),
     (lambda raw: raw["train"]["regression_labels"].__setitem__(0, np.nan), "non-finite"),
     (lambda raw: raw["train"].update(classification_labels=np.full(40, -1)), "class indices"),
+    (lambda raw: raw.update(valid={k: v[:0] for k, v in raw["valid"].items()}),
+     "split 'valid' has no samples"),
 ])
 def test_schema_errors_name_the_problem(corrupt, message):
     raw = fake_mmsa()

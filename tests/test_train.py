@@ -152,6 +152,27 @@ def test_dt_rank_and_coupling_options_are_checked(pickle_path, tmp_path):
         main(["train", "--data", pickle_path, "--out", str(tmp_path), "--coupling", "max"])
 
 
+def test_command_line_mistakes_are_one_message(pickle_path, tmp_path, capsys):
+    """A mistake in the options or files gives one line on stderr, naming what is wrong,
+    and exit status 2, not a traceback."""
+    truncated = tmp_path / "truncated.pkl"
+    truncated.write_bytes(open(pickle_path, "rb").read()[:1000])
+    cases = [
+        (["train", "--data", str(tmp_path / "none.pkl"), "--out", str(tmp_path / "a")],
+         "coupled-mamba train: error: [Errno 2] No such file or directory"),
+        (["train", "--data", str(truncated), "--out", str(tmp_path / "b")],
+         "truncated.pkl: cannot read it as an MMSA pickle"),
+        (["train", "--data", pickle_path, "--out", str(tmp_path / "c"), "--dt-rank", "0"],
+         "coupled-mamba train: error: --dt-rank: expected an int >= 1, got 0"),
+        (["eval", "--checkpoint", str(tmp_path / "none.pt"), "--data", pickle_path],
+         "coupled-mamba eval: error: [Errno 2] No such file or directory"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+
+
 @pytest.mark.parametrize("fusion", ["coupled", "average", "concat", "mamba", "transformer",
                                     "cross_attention"])
 def test_weight_decay_on_weights_exempts_biases_norms_and_the_scan_parameters(fusion):

@@ -246,6 +246,10 @@ def _parse_split(split, name: str, source: str, copy: bool) -> MMSASplit:
         raise MMSAFormatError(f"{where}['regression_labels'] must hold one label per sample, "
                               f"got a scalar")
     n = labels.shape[0]  # the number of samples every other key must match
+    if n == 0:
+        raise MMSAFormatError(f"{where} has no samples; training needs at least one in each "
+                              f"split (train to learn, valid to select the model, test to "
+                              f"report)")
     labels = _vector(split, "regression_labels", n, where).astype(np.float32)
     if not np.all(np.isfinite(labels)):
         raise MMSAFormatError(f"{where}['regression_labels'] contains non-finite values")
