@@ -26,9 +26,10 @@ struct ScanFwdCall {
   ScanFwdParams params;
   Tensor y, final_state, chunk_states, y_ungated;
   ScanFwdOutputs outputs() const { return {y, final_state, chunk_states, y_ungated}; }
-  // A call with no row (batch or dim 0) or no step (L = 0) has nothing for a kernel to do
-  // (and a launch of no blocks is an error on CUDA): fills what the outputs still hold (the
-  // final state is the initial one) and returns true; returns false otherwise.
+  // A call with no row (batch or dim 0) or no step (L = 0) has nothing for a kernel to do,
+  // and is answered here for both backends (the CPU backward once divided by zero with
+  // dim = 0): fills what the outputs still hold (the final state is the initial one) and
+  // returns true; returns false otherwise.
   bool complete_without_kernel(const OptTensor& initial_state);
 };
 
