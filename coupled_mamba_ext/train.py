@@ -26,6 +26,7 @@ from .errors import UsageError
 from .metrics import classification_metrics, msa_metrics
 from .models import CoupledMamba
 from .models.layer import StackedLayerNorm
+from .ops import build_info
 
 # The paper's settings (§4.1). It does not train on MOSI; MOSI gets the batch size of the
 # dataset of its size (SIMS).
@@ -127,16 +128,35 @@ def load_data(data: str, dataset: Optional[str] = None, data_seed: int = 0,
     return load_mmsa(data, dataset)
 
 
+# Integer options and the least value each takes (None, a default still to come, is not
+# checked).
+_AT_LEAST = {"epochs": 1, "batch_size": 1, "d_model": 1, "n_layers": 1, "d_state": 1,
+             "seq_len": 1, "dt_rank": 1, "synthetic_train_size": 1, "num_workers": 0}
+
+
+def _option(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
 def check_config(config: TrainConfig) -> None:
-    """Reject option combinations the model would otherwise ignore or fail on later."""
-    if config.dt_rank is not None and config.dt_rank < 1:
-        raise UsageError(f"--dt-rank: expected an int >= 1, got {config.dt_rank}")
-    if config.synthetic_train_size is not None:
-        if config.data != "synthetic":
-            raise UsageError("--synthetic-train-size: only for --data synthetic")
-        if config.synthetic_train_size < 1:
-            raise UsageError(f"--synthetic-train-size: expected an int >= 1, got "
-                             f"{config.synthetic_train_size}")
+    """Reject values out of range and option combinations the model would otherwise ignore
+    or fail on later, naming the option."""
+    for field, least in _AT_LEAST.items():
+        value = getattr(config, field)
+        if value is not None and value < least:
+            raise UsageError(f"{_option(field)}: expected an int >= {least}, got {value}")
+    max_dstate = build_info()["max_dstate"]
+    if config.d_state is not None and config.d_state > max_dstate:
+        raise UsageError(f"--d-state: expected at most {max_dstate} (the operator's largest "
+                         f"state), got {config.d_state}")
+    if not config.lr > 0:
+        raise UsageError(f"--lr: expected a value > 0, got {config.lr}")
+    if not config.weight_decay >= 0:
+        raise UsageError(f"--weight-decay: expected a value >= 0, got {config.weight_decay}")
+    if not 0 <= config.dropout < 1:
+        raise UsageError(f"--dropout: expected a value in [0, 1), got {config.dropout}")
+    if config.synthetic_train_size is not None and config.data != "synthetic":
+        raise UsageError("--synthetic-train-size: only for --data synthetic")
     # Called before the dataset's defaults are filled in (to fail before loading the data)
     # and after (for a given bound against a default one): a None is not checked yet.
     if config.dt_min is not None and config.dt_max is not None and \
@@ -202,19 +222,34 @@ class Process:
         return self.rank == 0
 
 
+def resolve_device(device: Optional[str]) -> torch.device:
+    """``device`` as a torch.device, checked: cuda when available if None."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA device is available here; "
+                             f"pass --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def setup_process(device: Optional[str]) -> Process:
     """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = resolve_device(device)
     if world_size == 1:
-        return Process(0, 1, torch.device(device))
+        return Process(0, 1, dev)
     local_rank = int(os.environ["LOCAL_RANK"])
-    if device.startswith("cuda"):
+    if dev.type == "cuda":
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device(device)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Process(dist.get_rank(), dist.get_world_size(), dev)
 
@@ -562,6 +597,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, dataset: Optional[str] = Non
                         splits=("test",), device: Optional[str] = None,
                         batch_size: Optional[int] = None) -> Dict[str, Dict[str, float]]:
     """Metrics of a saved model (best.pt or checkpoint.pt) on the given splits of ``data``."""
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size: expected an int >= 1, got {batch_size}")
     saved = load_checkpoint(checkpoint)
     config = TrainConfig(**_with_fields_added_since(saved["config"]))
     loaded = load_data(data, dataset or config.dataset, config.data_seed,
@@ -569,7 +606,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, dataset: Optional[str] = Non
     if loaded.feature_dims != list(saved["input_dims"]):
         raise UsageError(f"{checkpoint} was trained on feature sizes {saved['input_dims']}, "
                          f"but {data} has {loaded.feature_dims}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     model = build_model(config, loaded.feature_dims, saved["num_classes"]).to(dev)
     model.load_state_dict(saved["model"])
     return {split: evaluate(model, eval_loader(loaded, split, batch_size or config.batch_size),
@@ -592,7 +629,7 @@ def export_checkpoint(checkpoint: str, out: str, device: Optional[str] = None,
     if max_steps < max(steps):
         raise UsageError(f"max_steps: expected at least {max(steps)}, got {max_steps}")
     config = TrainConfig(**_with_fields_added_since(saved["config"]))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     model = build_model(config, input_dims, saved["num_classes"]).to(dev).eval()
     model.load_state_dict(saved["model"])
     xs = [torch.zeros(3, n, d, device=dev) for n, d in zip(steps, input_dims)]

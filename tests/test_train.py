@@ -1,6 +1,7 @@
 """The trainer and the CLI on a tiny synthetic dataset: outputs, resume, eval, bf16."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from coupled_mamba_ext import train as training
 from coupled_mamba_ext.cli import main
 from coupled_mamba_ext.data import MMSADataset, collate_mmsa, load_mmsa, write_synthetic
 from coupled_mamba_ext.data.mmsa import atomic_write, write_pickle
+from coupled_mamba_ext.errors import UsageError
 
 SIZES = {"train": 48, "valid": 16, "test": 16}
 # A model small enough that an epoch takes a fraction of a second on a CPU.
@@ -152,6 +154,39 @@ def test_dt_rank_and_coupling_options_are_checked(pickle_path, tmp_path):
         main(["train", "--data", pickle_path, "--out", str(tmp_path), "--coupling", "max"])
 
 
+@pytest.mark.parametrize("option, message", [
+    (dict(epochs=0), "--epochs: expected an int >= 1, got 0"),
+    (dict(batch_size=-3), "--batch-size: expected an int >= 1, got -3"),
+    (dict(d_model=0), "--d-model: expected an int >= 1, got 0"),
+    (dict(n_layers=0), "--n-layers: expected an int >= 1, got 0"),
+    (dict(d_state=0), "--d-state: expected an int >= 1, got 0"),
+    (dict(d_state=257), "--d-state: expected at most 256"),
+    (dict(seq_len=0), "--seq-len: expected an int >= 1, got 0"),
+    (dict(num_workers=-1), "--num-workers: expected an int >= 0, got -1"),
+    (dict(lr=0.0), "--lr: expected a value > 0, got 0.0"),
+    (dict(weight_decay=-1e-4), "--weight-decay: expected a value >= 0, got -0.0001"),
+    (dict(dropout=1.0), "--dropout: expected a value in [0, 1), got 1.0"),
+    (dict(synthetic_train_size=0), "--synthetic-train-size: expected an int >= 1, got 0"),
+])
+def test_option_values_out_of_range_are_refused(option, message):
+    config = training.TrainConfig(data="synthetic", out="unused", **option)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        training.check_config(config)
+
+
+def test_device_is_checked():
+    assert training.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UsageError, match="--device: expected cpu, cuda or cuda:N, got 'gpu'"):
+        training.resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="--device cuda: no CUDA device is available"):
+            training.resolve_device("cuda")
+    else:
+        index = torch.cuda.device_count()
+        with pytest.raises(UsageError, match=f"this machine has {index} CUDA device"):
+            training.resolve_device(f"cuda:{index}")
+
+
 def test_command_line_mistakes_are_one_message(pickle_path, tmp_path, capsys):
     """A mistake in the options or files gives one line on stderr, naming what is wrong,
     and exit status 2, not a traceback."""
@@ -166,6 +201,8 @@ def test_command_line_mistakes_are_one_message(pickle_path, tmp_path, capsys):
          "coupled-mamba train: error: --dt-rank: expected an int >= 1, got 0"),
         (["eval", "--checkpoint", str(tmp_path / "none.pt"), "--data", pickle_path],
          "coupled-mamba eval: error: [Errno 2] No such file or directory"),
+        (["eval", "--checkpoint", str(tmp_path / "none.pt"), "--data", pickle_path,
+          "--batch-size", "0"], "coupled-mamba eval: error: --batch-size: expected an int >= 1"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
