@@ -522,6 +522,18 @@ def test_bad_inputs_raise_clear_errors(xs, lengths, message):
     (dict(coupling="max"), "coupling: expected one of ('learned', 'mean', 'sum'), got 'max'"),
     (dict(dt_rank=0), "dt_rank: expected 'auto' or an int >= 1, got 0"),
     (dict(dt_rank="full"), "dt_rank: expected 'auto' or an int >= 1, got 'full'"),
+    (dict(input_dims=[5, 0, 3]), "input_dims[1]: expected an int >= 1, got 0"),
+    (dict(d_model=0), "d_model: expected an int >= 1, got 0"),
+    (dict(n_layers=0), "n_layers: expected an int >= 1, got 0"),
+    (dict(d_state=0), "d_state: expected an int >= 1, got 0"),
+    (dict(d_state=257), "d_state: expected at most 256 (the operator's largest state), got 257"),
+    (dict(d_conv=2.0), "d_conv: expected an int >= 1, got 2.0"),
+    (dict(expand=0), "expand: expected an int >= 1, got 0"),
+    (dict(dt_min=0.2, dt_max=0.1),
+     "dt_min, dt_max: expected 0 < dt_min <= dt_max, got 0.2 and 0.1"),
+    (dict(dropout=1.0), "dropout: expected a value in [0, 1), got 1.0"),
+    (dict(fusion="transformer", n_heads=3),
+     "n_heads: expected a divisor of d_model=16 for fusion='transformer', got 3"),
 ])
 def test_bad_configuration_raises_clear_errors(kwargs, message):
     kwargs = {"input_dims": DIMS, **SMALL, **kwargs}

@@ -6,16 +6,25 @@ number of kernel launches for 2 modalities as for 8, and the M modalities meet i
 call of the coupled selective scan.
 """
 import math
+import numbers
 from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import coupled_selective_scan, coupled_selective_state_update
+from ..ops import build_info, coupled_selective_scan, coupled_selective_state_update
 
 COUPLINGS = ("learned", "mean", "sum")
 RMS_EPS = 1e-6  # of the optional B and C normalisation (Falcon-Mamba's mixer_rms_eps)
+
+
+def check_sizes(**sizes) -> None:
+    """Raise ValueError naming the first of ``sizes`` that is not an int >= 1 (numpy's
+    integers count as ints)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
 
 
 def rms_normalize(x: Tensor, eps: float = RMS_EPS) -> Tensor:
@@ -177,6 +186,13 @@ class CoupledMambaLayer(nn.Module):
             raise ValueError(f"coupling: expected one of {COUPLINGS}, got {coupling!r}")
         if n_modalities < 1:
             raise ValueError(f"n_modalities: expected at least 1, got {n_modalities}")
+        check_sizes(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand)
+        if d_state > build_info()["max_dstate"]:
+            raise ValueError(f"d_state: expected at most {build_info()['max_dstate']} (the "
+                             f"operator's largest state), got {d_state}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min} "
+                             f"and {dt_max}")
         if dt_rank == "auto":
             dt_rank = math.ceil(d_state / 8)
         elif isinstance(dt_rank, bool) or not isinstance(dt_rank, int) or dt_rank < 1:

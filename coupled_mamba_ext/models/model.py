@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .baselines import (AverageFusion, ConcatFusion, CrossAttentionFusion,
                         IndependentMambaFusion, TransformerFusion)
-from .layer import CoupledMambaStack, LayerCache, StackedLayerNorm
+from .layer import CoupledMambaStack, LayerCache, StackedLayerNorm, check_sizes
 from .resample import segment_mean_resample
 
 FUSIONS = ("coupled", "average", "concat", "mamba", "cross_attention", "transformer")
@@ -96,6 +96,16 @@ class CoupledMamba(nn.Module):
                              f"got {num_classes}")
         if seq_len is not None and seq_len < 1:
             raise ValueError(f"seq_len: expected None or an int >= 1, got {seq_len}")
+        for m, dim in enumerate(input_dims):
+            check_sizes(**{f"input_dims[{m}]": dim})
+        check_sizes(d_model=d_model, n_layers=n_layers)
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout: expected a value in [0, 1), got {dropout}")
+        if fusion in ("cross_attention", "transformer"):
+            check_sizes(n_heads=n_heads)
+            if d_model % n_heads:
+                raise ValueError(f"n_heads: expected a divisor of d_model={d_model} for "
+                                 f"fusion={fusion!r}, got {n_heads}")
         self.input_dims, self.d_model, self.fusion = input_dims, d_model, fusion
         self.task, self.pooling, self.seq_len = task, pooling, seq_len
         M = len(input_dims)
