@@ -112,6 +112,13 @@ def msa_metrics(pred, truth, dataset: str) -> Dict[str, float]:
     if pred.shape != truth.shape or pred.size == 0:
         raise ValueError(f"msa_metrics: pred and truth must hold the same non-zero number of "
                          f"values, got {pred.size} and {truth.size}")
+    # A NaN would count as a negative prediction in the accuracies (every comparison with it
+    # is false) while MAE and Corr came out NaN: refuse it rather than report half of it.
+    for name, values in (("pred", pred), ("truth", truth)):
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        if bad:
+            raise ValueError(f"msa_metrics: {name} must be finite, got {bad} non-finite "
+                             f"value(s) of {values.size}")
     return _mosi_metrics(pred, truth) if dataset in ("mosi", "mosei") else _sims_metrics(pred, truth)
 
 

@@ -104,3 +104,8 @@ def test_bad_arguments():
         msa_metrics([0.0, 1.0], [0.0], "mosi")
     with pytest.raises(ValueError, match="same non-zero number"):
         msa_metrics([], [], "sims")
+    # A NaN prediction would count as negative in the accuracies while MAE came out NaN.
+    with pytest.raises(ValueError, match=r"pred must be finite, got 1 non-finite value\(s\) of 2"):
+        msa_metrics([float("nan"), 1.0], [1.0, 2.0], "mosi")
+    with pytest.raises(ValueError, match="truth must be finite"):
+        msa_metrics([0.5, 1.0], [1.0, float("inf")], "simsv2")
