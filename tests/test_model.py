@@ -553,6 +553,9 @@ def test_bad_streaming_use_raises_clear_errors():
                        match=re.escape("xs[1]: expected shape (batch, 7), got (3, 1, 7)")):
         xs = make_inputs()
         model.step([xs[0][:, 0], xs[1][:, :1], xs[2][:, 0]], model.init_cache(BATCH))
+    with pytest.raises(ValueError, match=re.escape(
+            "cache: holds 2 sequences (from init_cache), xs have batch size 3")):
+        model.step([x[:, 0] for x in make_inputs()], model.init_cache(2))
 
 
 def test_layer_bad_input_raises_clear_error():

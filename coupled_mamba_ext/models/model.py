@@ -288,6 +288,9 @@ class CoupledMamba(nn.Module):
         """
         self._check_streaming()
         self._check_modalities(xs, with_time=False)
+        if xs[0].shape[0] != cache.pooled.shape[1]:
+            raise ValueError(f"cache: holds {cache.pooled.shape[1]} sequences (from init_cache), "
+                             f"xs have batch size {xs[0].shape[0]}")
         h = self.dropout(torch.stack([project(x) for project, x in
                                       zip(self.input_projections, xs)]))  # (M, batch, d)
         h, layer_caches = self.encoder.step(h, cache.layers)
