@@ -563,6 +563,9 @@ def test_layer_bad_input_raises_clear_error():
     with pytest.raises(ValueError, match=re.escape(
             "x: expected shape (M, batch, L, d_model) with M=3, d_model=16, got (2, 2, 9, 16)")):
         layer(torch.randn(2, 2, 9, 16))
+    with pytest.raises(ValueError, match=re.escape(
+            "cache: holds 4 sequences (from init_cache), x has batch size 2")):
+        layer.step(torch.randn(3, 2, 16), layer.init_cache(4))
 
 
 # ---------------------------------------------------------------------------- CUDA

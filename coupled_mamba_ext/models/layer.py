@@ -303,6 +303,9 @@ class CoupledMambaLayer(nn.Module):
         modified. Not differentiable (a backward through the single-step operator raises).
         """
         self._check_input(x, "x", "(M, batch, d_model)")
+        if cache.conv_state.shape[1] != x.shape[1]:
+            raise ValueError(f"cache: holds {cache.conv_state.shape[1]} sequences (from "
+                             f"init_cache), x has batch size {x.shape[1]}")
         u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)            # (M, batch, E) each
         window = torch.cat([cache.conv_state, u.unsqueeze(-1).to(cache.conv_state.dtype)],
                            dim=-1)                                     # (M, batch, E, d_conv)
