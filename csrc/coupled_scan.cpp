@@ -236,23 +236,24 @@ ScanBwdCall prepare_scan_backward(const Tensor& dy, const OptTensor& dfinal_stat
 
 namespace {
 bool has_no_work(const ScanShape& s) { return s.batch == 0 || s.dim == 0 || s.seqlen == 0; }
+
+void copy_or_zero(Tensor& out, const OptTensor& from) {
+  if (from)
+    out.copy_(*from);
+  else
+    out.zero_();
+}
 }  // namespace
 
 bool ScanFwdCall::complete_without_kernel(const OptTensor& initial_state) {
   if (!has_no_work(params.shape)) return false;
-  if (initial_state)
-    final_state.copy_(*initial_state);
-  else
-    final_state.zero_();
+  copy_or_zero(final_state, initial_state);
   return true;  // y, y_ungated and chunk_states have no element (L = 0 or no row)
 }
 
 bool ScanBwdCall::complete_without_kernel(const OptTensor& dfinal_state) {
   if (!has_no_work(params.shape)) return false;
-  if (dfinal_state)
-    dinitial_state.copy_(*dfinal_state);
-  else
-    dinitial_state.zero_();
+  copy_or_zero(dinitial_state, dfinal_state);
   return true;  // du, ddelta, dz have no element; dA, dB, ... were allocated as zeros
 }
 
