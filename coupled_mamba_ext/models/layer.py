@@ -187,9 +187,10 @@ class CoupledMambaLayer(nn.Module):
         if n_modalities < 1:
             raise ValueError(f"n_modalities: expected at least 1, got {n_modalities}")
         check_sizes(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand)
-        if d_state > build_info()["max_dstate"]:
-            raise ValueError(f"d_state: expected at most {build_info()['max_dstate']} (the "
-                             f"operator's largest state), got {d_state}")
+        max_dstate = build_info()["max_dstate"]
+        if d_state > max_dstate:
+            raise ValueError(f"d_state: expected at most {max_dstate} (the operator's largest "
+                             f"state), got {d_state}")
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min} "
                              f"and {dt_max}")
