@@ -311,9 +311,9 @@ def test_emulated_deterministic_backward_matches_reference(emulator, tmp_path, s
 
 def test_emulated_deterministic_backward_bits_do_not_depend_on_block_order(emulator, tmp_path):
     """With the blocks run first to last and last to first, the deterministic sums give the
-    same bits in every gradient. The default atomics do not: their dB and the coupling's
-    gradient change with the order (what the test would miss if the order did not reach the
-    sums), and they add to an address more than once."""
+    same bits in every gradient. The default atomics do not: their dB changes with the order
+    (what the test would miss if the order did not reach the sums), and they add to an
+    address more than once."""
     shape = (2, 2, 40, 12, 64)  # 3 blocks of channels per batch index, two segments
     inputs = make_scan_inputs(*shape, seed=3)
     dy, dfinal = random_cotangents(shape, 8)
@@ -329,8 +329,10 @@ def test_emulated_deterministic_backward_bits_do_not_depend_on_block_order(emula
     for key in forward:
         assert torch.equal(forward[key], reverse[key]), f"{key} depends on the block order"
     atomic_forward, atomic_reverse = grads("", "forward"), grads("", "reverse")
+    # dB only: the coupling's gradient is a sum of few terms, and with the emulator's threads
+    # as OS threads the order of a block's atomics also varies from run to run, so the two
+    # block orders gave it the same bits by chance (once in about ten runs, 2026-12-07).
     assert not torch.equal(atomic_forward["dB"], atomic_reverse["dB"])
-    assert not torch.equal(atomic_forward["dcoupling"], atomic_reverse["dcoupling"])
     twice = run_emulated(emulator, tmp_path, "bwd", "state_lanes", inputs, torch.float32, flags,
                          dy=dy, dfinal=dfinal, env={"CUDA_EMU_ONE_ADD": "1"}, allow_failure=True)
     assert "second atomicAdd" in twice["log"]
