@@ -390,8 +390,10 @@ def format_metrics_table(columns: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def plot_learning_curves(history: List[dict], metric: str, path: str) -> None:
-    """Train / valid loss and the valid ``metric`` per epoch, saved as a PNG."""
+def plot_learning_curves(history: List[dict], metric: str, path: str,
+                         selected_epoch: Optional[int] = None) -> None:
+    """Train / valid loss and the valid ``metric`` per epoch, saved as a PNG; the model
+    selected (``selected_epoch``) marked in both panels."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
@@ -401,9 +403,14 @@ def plot_learning_curves(history: List[dict], metric: str, path: str) -> None:
     ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
     ax_loss.plot(epochs, [h["valid_loss"] for h in history], label="valid")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_loss.legend()
     ax_metric.plot(epochs, [h["valid"][metric] for h in history], color="tab:green")
     ax_metric.set(xlabel="epoch", ylabel=metric, title=f"valid {metric}")
+    if selected_epoch is not None:
+        for ax in (ax_loss, ax_metric):
+            ax.axvline(selected_epoch, color="gray", linestyle="--", linewidth=1,
+                       label=f"selected (epoch {selected_epoch})")
+        ax_metric.legend()
+    ax_loss.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
@@ -584,7 +591,7 @@ def _finish(config, data, model, state, process, log) -> dict:
                "train_seconds": state["train_seconds"], "history": state["history"]}
     save_json(results, os.path.join(config.out, RESULTS))
     plot_learning_curves(state["history"], key_metric(config.task, data.info.metrics_dataset),
-                         os.path.join(config.out, CURVES))
+                         os.path.join(config.out, CURVES), selected_epoch=results["best_epoch"])
     table = format_metrics_table(columns)
     write_report(results, table, os.path.join(config.out, REPORT))
     log(f"\nselected epoch {results['best_epoch']} (lowest valid loss)\n{table}\n"
