@@ -391,9 +391,9 @@ def format_metrics_table(columns: Dict[str, Dict[str, float]]) -> str:
 
 
 def plot_learning_curves(history: List[dict], metric: str, path: str,
-                         selected_epoch: Optional[int] = None) -> None:
-    """Train / valid loss and the valid ``metric`` per epoch, saved as a PNG; the model
-    selected (``selected_epoch``) marked in both panels."""
+                         selected_epoch: int) -> None:
+    """Train / valid loss and the valid ``metric`` per epoch, saved as a PNG; the selected
+    model's epoch marked in both panels."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
@@ -405,12 +405,10 @@ def plot_learning_curves(history: List[dict], metric: str, path: str,
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_metric.plot(epochs, [h["valid"][metric] for h in history], color="tab:green")
     ax_metric.set(xlabel="epoch", ylabel=metric, title=f"valid {metric}")
-    if selected_epoch is not None:
-        for ax in (ax_loss, ax_metric):
-            ax.axvline(selected_epoch, color="gray", linestyle="--", linewidth=1,
-                       label=f"selected (epoch {selected_epoch})")
-        ax_metric.legend()
-    ax_loss.legend()
+    for ax in (ax_loss, ax_metric):
+        ax.axvline(selected_epoch, color="gray", linestyle="--", linewidth=1,
+                   label=f"selected (epoch {selected_epoch})")
+        ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
