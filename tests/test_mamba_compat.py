@@ -38,10 +38,10 @@ def mamba_loop(u, delta, A, B, C, D, z, delta_bias, delta_softplus, w, x0):
     return y * z * torch.sigmoid(z), x
 
 
-def mamba_inputs(dtype=torch.float64, seed=0, grouped_BC=False):
+def mamba_inputs(dtype=torch.float64, seed=0, grouped_BC=False, device="cpu"):
     """One modality's arguments in mamba_ssm's layouts (B, C (batch, 1, N, L) when
     grouped_BC), from make_scan_inputs with M = 1, as leaves requiring grad."""
-    x = make_scan_inputs(1, BATCH, DIM, L, N, dtype=dtype, seed=seed)
+    x = make_scan_inputs(1, BATCH, DIM, L, N, dtype=dtype, seed=seed, device=device)
     args = {name: x[name][0] for name in ARGS}
     if grouped_BC:
         args["B"], args["C"] = args["B"][:, None], args["C"][:, None]
@@ -137,10 +137,11 @@ def test_narrower_parameters_are_cast_up_and_wider_ones_refused():
         coupled_selective_scan_fn(*wider, True)
 
 
-def stacked_and_lists(M=3, seed=0):
+def stacked_and_lists(M=3, seed=0, device="cpu"):
     """Stacked inputs (float32, every argument) and the same as lists of M per-modality
     tensors in mamba_ssm's layouts, all leaves requiring grad."""
-    x = make_scan_inputs(M, BATCH, DIM, L, N, seed=seed, coupling=False, initial_state=False)
+    x = make_scan_inputs(M, BATCH, DIM, L, N, seed=seed, coupling=False, initial_state=False,
+                         device=device)
     stacked = {name: x[name].clone().requires_grad_(True) for name in ARGS}
     lists = {name: [t.clone().requires_grad_(True) for t in x[name].unbind(0)]
              for name in ARGS}
@@ -168,7 +169,7 @@ def test_list_form_equals_stacked_form(container):
     assert torch.equal(same, y)
 
 
-def test_shared_arguments_are_broadcast_and_mamba_layouts_are_views(monkeypatch):
+def test_shared_arguments_are_broadcast_and_mamba_layouts_are_views(monkeypatch, device):
     """A shared argument reaches the operator with stride 0 over the modalities, B with a
     group axis of size 1 and a single modality as views of what was given: no copy."""
     seen = {}
@@ -178,7 +179,7 @@ def test_shared_arguments_are_broadcast_and_mamba_layouts_are_views(monkeypatch)
         return coupled_selective_scan(**kwargs)
 
     monkeypatch.setattr(mamba_compat, "coupled_selective_scan", recording_scan)
-    stacked, lists = stacked_and_lists()
+    stacked, lists = stacked_and_lists(device=device)
     A, D = stacked["A"][0].detach(), stacked["D"][0].detach()
     # List form, A and D one tensor each (shared) = stacked form with them expanded.
     outs = coupled_selective_scan_fn(lists["u"], lists["delta"], A, lists["B"], lists["C"], D,
@@ -195,7 +196,8 @@ def test_shared_arguments_are_broadcast_and_mamba_layouts_are_views(monkeypatch)
     assert torch.equal(same, y)
     assert seen["A"].stride(0) == 0 and seen["B"].data_ptr() == B5.data_ptr()
     # One modality in mamba_ssm's layouts: every argument a view of the one given.
-    one = {k: v.detach() for k, v in mamba_inputs(dtype=torch.float32, grouped_BC=True).items()}
+    one = {k: v.detach() for k, v in
+           mamba_inputs(dtype=torch.float32, grouped_BC=True, device=device).items()}
     coupled_selective_scan_fn(*(one[n] for n in ARGS), True)
     for name in ARGS:
         assert seen[name].data_ptr() == one[name].data_ptr(), name
