@@ -140,14 +140,16 @@ def coupled_selective_scan_fn(
       dim fewer, e.g. A (dim, N), D (dim,)) is shared by all modalities (stride 0, no copy).
       Returns (M, batch, dim, L).
 
-    Views only, otherwise: the kernels take any strides, so no argument is made contiguous.
-    dtypes as mamba_ssm's: u, delta, z, B, C one dtype (fp32, fp16, bf16; fp64 on the CPU),
-    A, D, delta_bias fp32 (fp64 with fp64 inputs); a parameter in a narrower floating dtype
-    (bf16, or fp32 beside fp64 inputs) is cast up, a small copy. Outputs in u's dtype.
+    Apart from stacking lists, nothing is copied: the kernels take any strides, so the
+    broadcasts, the squeezed group axis and one modality's leading axis are views, and no
+    argument is made contiguous. dtypes as mamba_ssm's: u, delta, z, B, C one dtype (fp32,
+    fp16, bf16; fp64 on the CPU), A, D, delta_bias fp32 (fp64 with fp64 inputs); a
+    parameter in a narrower floating dtype (bf16, or fp32 beside fp64 inputs) is cast up, a
+    small copy. Outputs in u's dtype.
 
     With ``return_last_state`` returns ``(out, last_state)``: last_state is the coupled
-    state after the last step, (batch, dim, N) fp32, as mamba_ssm returns its last state;
-    unlike mamba_ssm's, its gradient flows back.
+    state after the last step, (batch, dim, N) fp32 (fp64 with fp64 inputs), as mamba_ssm
+    returns its last state; unlike mamba_ssm's, its gradient flows back.
 
     Refused with ValueError: a time-invariant B or C (dim, N), grouped B or C
     (batch, G, N, L) with G > 1 (the coupled scan has one B and C per modality), lists of
@@ -156,27 +158,26 @@ def coupled_selective_scan_fn(
     RuntimeError, which names them in the stacked layout.
     """
     if isinstance(u, (list, tuple)):
-        M = len(u)
-        if M == 0:
+        if not u:
             raise ValueError(f"{OP}: argument 'u' expected at least one tensor (one per "
                              f"modality), got an empty {type(u).__name__}")
-        u_dtype = _tensor(u[0], "u[0]").dtype
+        M, u_dtype, read = len(u), _tensor(u[0], "u[0]").dtype, _per_modality_stacked
+    elif _tensor(u, "u").dim() == 4:
+        M, u_dtype, read = u.shape[0], u.dtype, _stacked
     else:
-        M = u.shape[0] if isinstance(u, Tensor) and u.dim() == 4 else 1
-        u_dtype = _tensor(u, "u").dtype
-    stack = _stacked if isinstance(u, Tensor) and u.dim() == 4 else _per_modality_stacked
+        M, u_dtype, read = 1, u.dtype, _per_modality_stacked
     acc = _accumulation_dtype(u_dtype)
     given = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
     args: Dict[str, Optional[Tensor]] = {
-        name: None if x is None else stack(x, name, M, acc) for name, x in given.items()}
+        name: None if x is None else read(x, name, M, acc) for name, x in given.items()}
     y, last_state = coupled_selective_scan(
         **args, delta_softplus=delta_softplus, coupling=coupling, initial_state=initial_state,
         return_final_state=True)
     out: TensorOrList
-    if isinstance(u, (list, tuple)):
-        out = list(y.unbind(0)) if isinstance(u, list) else tuple(y.unbind(0))
-    elif u.dim() == 4:
-        out = y
+    if isinstance(u, list):
+        out = list(y.unbind(0))
+    elif isinstance(u, tuple):
+        out = y.unbind(0)
     else:
-        out = y[0]
+        out = y if read is _stacked else y[0]
     return (out, last_state) if return_last_state else out
