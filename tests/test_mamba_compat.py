@@ -180,15 +180,23 @@ def test_shared_arguments_are_broadcast_and_mamba_layouts_are_views(monkeypatch,
 
     monkeypatch.setattr(mamba_compat, "coupled_selective_scan", recording_scan)
     stacked, lists = stacked_and_lists(device=device)
-    A, D = stacked["A"][0].detach(), stacked["D"][0].detach()
-    # List form, A and D one tensor each (shared) = stacked form with them expanded.
+    A, D = (stacked[k][0].detach().requires_grad_(True) for k in ("A", "D"))
+    # List form, A and D one tensor each (shared) = stacked form with them repeated; the
+    # shared one's gradient is the sum of the modalities' gradients.
     outs = coupled_selective_scan_fn(lists["u"], lists["delta"], A, lists["B"], lists["C"], D,
                                      lists["z"], lists["delta_bias"], True)
     assert seen["A"].stride(0) == 0 and seen["A"].data_ptr() == A.data_ptr()
     assert seen["D"].stride(0) == 0 and seen["D"].data_ptr() == D.data_ptr()
-    expanded = dict(stacked, A=A.expand(3, DIM, N), D=D.expand(3, DIM))
-    y = coupled_selective_scan(**expanded, delta_softplus=True)
+    repeated = {k: x.detach().repeat(3, *[1] * x.dim()).requires_grad_(True)
+                for k, x in (("A", A), ("D", D))}
+    y = coupled_selective_scan(**dict(stacked, **repeated), delta_softplus=True)
     assert torch.equal(torch.stack(outs), y)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    grads = torch.autograd.grad((torch.stack(outs) * dy).sum(), [A, D])
+    repeated_grads = torch.autograd.grad((y * dy).sum(), [repeated["A"], repeated["D"]])
+    for name, grad, per_modality in zip("AD", grads, repeated_grads):
+        assert_rel_close(grad, per_modality.sum(0), GRAD_TOL[torch.float32], "d" + name)
+    A, D = A.detach(), D.detach()
     # Stacked form, A (dim, N) and D (dim,) shared, B and C with a group axis of size 1.
     B5, C5 = stacked["B"].detach()[:, :, None], stacked["C"].detach()[:, :, None]
     same = coupled_selective_scan_fn(stacked["u"], stacked["delta"], A, B5, C5, D,
