@@ -5,7 +5,7 @@ extension ``coupled_mamba_ext._C`` is imported. Argument checking lives there to
 ``torch.ops.coupled_mamba.*`` called directly gives the same clear errors as the functions
 below.
 """
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -125,6 +125,27 @@ def _refuse_forward_ad(op: str, *tensors: Optional[Tensor]) -> None:
                            "(backward, torch.autograd.grad)")
 
 
+def _check_tensor_arguments(op: str, required: dict, optional: dict) -> None:
+    """A TypeError naming the argument for anything but a tensor (or None where optional):
+    a list of per-modality tensors, say, would otherwise fail deep inside with an
+    AttributeError."""
+    for name, value in {**required, **optional}.items():
+        if isinstance(value, Tensor) or (value is None and name in optional):
+            continue
+        expected = "a torch.Tensor" + (" or None" if name in optional else "")
+        hint = ""
+        if isinstance(value, (list, tuple)):
+            hint = "; stack per-modality tensors along a new first dim (M, ...)"
+            if op == "coupled_selective_scan":
+                hint += ", or pass the lists to coupled_selective_scan_fn (mamba_ssm's layouts)"
+        elif isinstance(value, bool) and op == "coupled_selective_scan":
+            hint = ("; a positional call written for mamba_ssm's selective_scan_fn, whose "
+                    "arguments after delta_bias are delta_softplus, return_last_state? Call "
+                    "coupled_selective_scan_fn")
+        raise TypeError(f"{op}: argument '{name}' expected {expected}, got "
+                        f"{type(value).__name__}{hint}")
+
+
 def _default_coupling(coupling: Optional[Tensor], u: Tensor) -> Tensor:
     if coupling is not None:
         return coupling
@@ -139,7 +160,7 @@ def coupled_selective_scan(
     delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
     coupling: Optional[Tensor] = None, initial_state: Optional[Tensor] = None,
     return_final_state: bool = False,
-):
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Coupled selective scan over M modalities (SPEC §1), differentiable in every tensor
     (once: a backward through its gradient raises RuntimeError).
 
@@ -157,7 +178,11 @@ def coupled_selective_scan(
     Returns:
         y (M, batch, dim, L) in u's dtype; with ``return_final_state``, ``(y, final_state)``.
     Parameters given in float64 need float64 inputs (for gradcheck); otherwise float32.
+    A tensor argument of another type (a list, say) raises TypeError naming it.
     """
+    _check_tensor_arguments("coupled_selective_scan", dict(u=u, delta=delta, A=A, B=B, C=C),
+                            dict(D=D, z=z, delta_bias=delta_bias, coupling=coupling,
+                                 initial_state=initial_state))
     _refuse_forward_ad("coupled_selective_scan", u, delta, A, B, C, D, z, delta_bias, coupling,
                        initial_state)
     coupling = _default_coupling(coupling, u)
@@ -178,8 +203,12 @@ def coupled_selective_state_update(
     delta_bias, coupling as in :func:`coupled_selective_scan`. Returns ``(y, new_state)``:
     y (M, batch, dim) in u's dtype, new_state (batch, dim, N) fp32. ``state`` is not modified.
     Chained over t it equals the full scan. Not differentiable: a backward
-    through it raises RuntimeError.
+    through it raises RuntimeError. A tensor argument of another type raises TypeError
+    naming it.
     """
+    _check_tensor_arguments("coupled_selective_state_update",
+                            dict(state=state, u=u, delta=delta, A=A, B=B, C=C),
+                            dict(D=D, z=z, delta_bias=delta_bias, coupling=coupling))
     _refuse_forward_ad("coupled_selective_state_update", state, u, delta, A, B, C, D, z,
                        delta_bias, coupling)
     coupling = _default_coupling(coupling, u)

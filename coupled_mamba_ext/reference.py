@@ -4,7 +4,7 @@ A loop over time, written to be read next to the specification, not to be fast. 
 ground truth of every test: run it in float64 and compare. Autograd through it gives the
 reference gradients.
 """
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,8 @@ def _coupling_weights(coupling: Optional[torch.Tensor], M: int, like: torch.Tens
 
 
 def coupled_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                     coupling=None, initial_state=None, return_final_state=False):
+                     coupling=None, initial_state=None, return_final_state=False
+                     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Coupled selective scan, one time step at a time.
 
     Shapes: u, delta, z (M, batch, dim, L); A (M, dim, N); B, C (M, batch, N, L);
@@ -57,7 +58,8 @@ def coupled_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_s
 
 
 def coupled_state_update_ref(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                             delta_softplus=False, coupling=None):
+                             delta_softplus=False, coupling=None
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One step of the coupled scan: u, delta, z (M, batch, dim); B, C (M, batch, N);
     state (batch, dim, N). Returns (y (M, batch, dim), new_state (batch, dim, N))."""
     y, new_state = coupled_scan_ref(
@@ -67,7 +69,8 @@ def coupled_state_update_ref(state, u, delta, A, B, C, D=None, z=None, delta_bia
     return y[..., 0], new_state
 
 
-def mamba_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def mamba_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                   delta_softplus=False) -> torch.Tensor:
     """Mamba's (uncoupled) selective scan for one modality, as a plain loop.
 
     u, delta, z (batch, dim, L); A (dim, N); B, C (batch, N, L); D, delta_bias (dim,).

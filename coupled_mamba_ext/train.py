@@ -11,7 +11,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -462,7 +462,7 @@ def train(config: TrainConfig) -> Optional[dict]:
 
 
 @contextlib.contextmanager
-def deterministic_algorithms(enabled: bool = True, warn_only: bool = False):
+def deterministic_algorithms(enabled: bool = True, warn_only: bool = False) -> Iterator[None]:
     """``--deterministic`` (also for the tests and benchmarks): PyTorch's deterministic
     algorithms inside (the scan's CUDA backward then sums over blocks in a fixed order,
     docs/api.md; an operation with no deterministic form raises, or with ``warn_only``

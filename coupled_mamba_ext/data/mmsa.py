@@ -14,7 +14,7 @@ import pickle
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -342,7 +342,7 @@ class MMSADataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Tuple[List[torch.Tensor], List[int], float, int]:
         s = self.split
         lengths = [int(n[i]) for n in s.lengths]
         xs = [torch.from_numpy(f[i, :n]) for f, n in zip(s.features, lengths)]
