@@ -1,8 +1,8 @@
 # make test  — fresh virtual environment, torch, build the wheel (CUDA kernels too when nvcc
 #              is found), install it, run the test suite against the installed package.
 # make demo  — the main job: train Coupled Mamba on the built-in synthetic data (CPU; its
-#              own .venv-cpu with a CPU-only torch, the extension built in place without
-#              CUDA kernels).
+#              own .venv-cpu with a CPU-only torch, the package installed there without
+#              CUDA kernels, so .venv-cpu/bin/coupled-mamba works afterwards).
 # See docs/building.md for the other targets and the variables.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -64,14 +64,18 @@ test: install
 	COUPLED_MAMBA_EXPECT_INSTALLED=1 $(if $(CUDA_HOME),COUPLED_MAMBA_EXPECT_ARCHS="$(TORCH_CUDA_ARCH_LIST)") \
 	  $(VENV)/bin/pytest -q -rs tests
 
-# The demo runs on the CPU, so it builds the extension in place without the CUDA kernels
-# (under a minute on 2 cores instead of three) against the CPU-only torch and runs it from
-# the source tree; `make test` builds and installs the wheel on its own. The previous
-# demo's output is replaced.
+# The demo runs on the CPU, so it installs the package into .venv-cpu without the CUDA
+# kernels (one CPU-only build, under a minute on 2 cores instead of three) against the
+# CPU-only torch; `make test` builds and installs the wheel on its own. The previous demo's
+# output is replaced.
 demo: $(DEMO_VENV)/.ready
-	FORCE_CUDA=0 $(DEMO_PY) setup.py -q build_ext --inplace
+	FORCE_CUDA=0 $(DEMO_PY) -m pip install -q --no-build-isolation --no-deps --no-compile .
 	rm -rf runs/demo
-	PYTHONPATH=. $(DEMO_PY) -m coupled_mamba_ext train --data synthetic --out runs/demo --device cpu
+	$(DEMO_VENV)/bin/coupled-mamba train --data synthetic --out runs/demo --device cpu
+	@echo
+	@echo "Outputs in runs/demo/: report.md (metrics, learning curves, configuration), results.json, best.pt."
+	@echo "Run it again, or on your own MMSA pickle (options: $(DEMO_VENV)/bin/coupled-mamba train --help):"
+	@echo "  $(DEMO_VENV)/bin/coupled-mamba train --data /path/to/mosei.pkl --out runs/mosei --device cpu"
 
 # In-place build for working on the code: PYTHONPATH=. then imports the source tree.
 develop: $(VENV)/.ready

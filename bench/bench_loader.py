@@ -6,7 +6,7 @@ Writes a pickle of random features with MOSEI's shapes (text 50 x 768, audio 500
 500 x 35, BERT ids, true lengths, -inf in the audio) to a temporary folder, then reads it in
 fresh interpreters, side by side: `load_mmsa` (which cleans the unpickled float32 features in
 place) and the same parse with `copy=True` (every split's features converted into new arrays,
-as `load_mmsa` did until 2026-11-28). Prints the file's size and, for each, the seconds and
+as `load_mmsa` once did). Prints the file's size and, for each, the seconds and
 the peak resident memory above that of an interpreter that has imported the package.
 """
 import argparse

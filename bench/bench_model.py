@@ -18,9 +18,9 @@ Models (``--models``; ratios are taken against "coupled"):
                       textbook implementation does.
     transformer_masked  the "transformer" model called with every true length given (all
                       equal to L): attention then takes an all-valid key padding mask,
-                      which keeps it off PyTorch's fast paths. Until 2026-11-28 the model
-                      built that mask even without lengths, so "transformer" was measured
-                      this way (docs/benchmarks.md). Its time also includes the model's
+                      which keeps it off PyTorch's fast paths. The model once built that
+                      mask even without lengths, so older "transformer" figures were
+                      measured this way (reports/). Its time also includes the model's
                       check of the lengths, which the old behaviour did not have (small
                       against attention at the lengths where the mask matters).
 

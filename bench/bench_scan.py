@@ -17,14 +17,14 @@ CPU: shapes (M=3, batch 32, dim 256, L=50, N=64) and (M=3, batch 4, dim 256, L=2
     the resident size follows the live tensors; a warm-up call on 4 steps runs first (thread
     pools, lazy initialisation), then the peak is reset through /proc/self/clear_refs and
     read from VmHWM. Then the scaling: the operator's forward+backward extra memory at L and
-    2L, N and 2N (SPEC §1: it grows with M·batch·dim·L, not with N·L), with the reference's
+    2L, N and 2N (docs/contract.md: it grows with M·batch·dim·L, not with N·L), with the reference's
     beside it (the reference keeps (M, batch, dim, N) states per step: its memory grows with
     N·L).
 
 CUDA: the card's copy bandwidth, then shapes (a) M=3, batch 1024, dim 256, L=50, N=64,
     (b) M=3, batch 16, dim 256, L=1000, N=64, (c) M=2, batch 8, dim 1536, L=4096, N=16 in bf16
-    and fp32: times from CUDA events (median after warm-up); the memory-traffic floor (SPEC
-    §3: u, delta, z read and y written, 4·M·batch·dim·L elements, plus B, C, 2·M·batch·N·L,
+    and fp32: times from CUDA events (median after warm-up); the memory-traffic floor (kernels.md:
+    u, delta, z read and y written, 4·M·batch·dim·L elements, plus B, C, 2·M·batch·N·L,
     over the measured bandwidth) and the exp floor (M·batch·dim·L·N exponentials at 4e12/s);
     peak memory (torch.cuda.max_memory_allocated above the memory held before the call); the
     largest single allocation during forward+backward (from the caching allocator's memory
@@ -70,7 +70,7 @@ CPU_SHAPES = {"short": (3, 32, 256, 50, 64), "long": (3, 4, 256, 2000, 16)}
 CPU_SCALING_BASE = (3, 4, 256, 500, 16)
 CUDA_SHAPES = {"a": (3, 1024, 256, 50, 64), "b": (3, 16, 256, 1000, 64),
                "c": (2, 8, 1536, 4096, 16)}
-EXP_RATE = 4e12  # exponentials per second of an H100's special-function units (SPEC §3)
+EXP_RATE = 4e12  # exponentials per second of an H100's special-function units
 MiB = 2 ** 20
 
 

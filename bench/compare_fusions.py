@@ -5,8 +5,8 @@ and a figure of the validation accuracy per epoch and the test accuracy per seed
     python bench/compare_fusions.py runs/coupled_s* runs/average_s* --png comparison.png
 
 Each argument is a run's --out directory (its results.json is read); runs are grouped by
-their configured fusion and paired by seed. docs/training.md's synthetic comparison was
-made with it.
+their configured fusion and paired by seed. The fusion studies in reports/ were made with
+it.
 """
 import argparse
 import json

@@ -93,7 +93,7 @@ fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH}
 # The device image's default compiler (/opt/gcc/bin/g++, a wrapper) links libstdc++
 # statically into the extension; every C++ exception (an argument error) then crashes the
-# process (seen 2026-11-27 on an H200). Build with the system g++ when there is one.
+# process. Build with the system g++ when there is one.
 # The image sets CXX to that wrapper, so the system compiler is chosen whatever CXX says
 # (GPU_CHECK_KEEP_CXX=1 keeps the environment's).
 if [[ -z ${GPU_CHECK_KEEP_CXX:-} && -x /usr/bin/g++ ]]; then

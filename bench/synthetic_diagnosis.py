@@ -1,4 +1,4 @@
-"""Why coupled fusion stays at chance on the synthetic task (docs/training.md): how strong the
+"""Why coupled fusion stays at chance on the synthetic task (reports/, fusion study): how strong the
 scan's state path, the coupled model's only cross-modal path, is at initialisation, whether
 an untrained encoder already exposes the label, and what training did to the scan's weights.
 

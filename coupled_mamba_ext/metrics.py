@@ -1,5 +1,5 @@
 """Multimodal sentiment analysis metrics, computed the way the MMSA framework computes them
-(SPEC §7), so that numbers are comparable with the paper's tables.
+(docs/contract.md), so that numbers are comparable with the paper's tables.
 
 Everything is computed in float64 and returned unrounded; accuracies are fractions in [0, 1].
 This module needs only numpy (it imports nothing from the compiled operator).

@@ -161,7 +161,7 @@ def coupled_selective_scan(
     coupling: Optional[Tensor] = None, initial_state: Optional[Tensor] = None,
     return_final_state: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    """Coupled selective scan over M modalities (SPEC §1), differentiable in every tensor
+    """Coupled selective scan over M modalities (docs/contract.md), differentiable in every tensor
     (once: a backward through its gradient raises RuntimeError).
 
     Args:

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of the coupled selective scan (SPEC §1).
+"""Plain-PyTorch reference of the coupled selective scan (docs/contract.md).
 
 A loop over time, written to be read next to the specification, not to be fast. It is the
 ground truth of every test: run it in float64 and compare. Autograd through it gives the

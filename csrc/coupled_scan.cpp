@@ -71,7 +71,7 @@ TensorArg arg(const Tensor& t) {
 
 TensorArg arg(const OptTensor& t) { return t.has_value() ? arg(*t) : TensorArg{}; }
 
-// Checks every forward argument (SPEC §4) and returns the problem's shape.
+// Checks every forward argument (docs/contract.md, "Bad input") and returns the problem's shape.
 ScanShape check_scan_arguments(const Tensor& u, const Tensor& delta, const Tensor& A,
                                const Tensor& B, const Tensor& C, const OptTensor& D,
                                const OptTensor& z, const OptTensor& delta_bias,

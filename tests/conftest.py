@@ -1,5 +1,5 @@
 """Shared helpers of the operator tests: seeded inputs, the float64 reference run, error
-measures, SPEC §5 tolerances, and the list of devices the tests run on.
+measures, docs/contract.md's tolerances, and the list of devices the tests run on.
 
 Any test taking a ``device`` argument runs once per entry of ``DEVICES``: "cpu" always, and
 "cuda" (marked ``cuda``) when a CUDA device is visible and the extension has CUDA kernels.
@@ -45,8 +45,8 @@ HAS_CUDA = CUDA_SKIP_REASON is None
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON or "")
 
-# SPEC §5, ‖out − ref‖ / ‖ref‖ against the float64 reference computed from the same inputs.
-# float64 is not in the spec: the kernels then compute in double, so they must agree with
+# docs/contract.md: ‖out − ref‖ / ‖ref‖ against the float64 reference computed from the same inputs.
+# float64 is not in that table: the kernels then compute in double, so they must agree with
 # the reference to (nearly) double precision.
 FWD_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}
@@ -74,7 +74,7 @@ def device(request):
 
 
 def param_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of A, D, delta_bias, coupling and states for inputs of ``dtype`` (SPEC §2)."""
+    """dtype of A, D, delta_bias, coupling and states for inputs of ``dtype`` (docs/contract.md)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

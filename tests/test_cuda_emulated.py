@@ -5,11 +5,11 @@ staging, barriers, shuffles and that every output element is written, on every m
 says nothing about speed, and the GPU tests (test_scan_cuda.py, marked ``cuda``) remain the
 word on the real device.
 
-Both mappings have also run on a GPU (docs/benchmarks.md): the time-lanes kernels passed
+Both mappings have also run on a GPU (reports/): the time-lanes kernels passed
 here after they had, the state-lanes ones before their first GPU run, and the GPU agreed.
 That is what makes the emulator worth trusting for a kernel change made without a GPU; the
-state-lanes changes made since without one (docs/kernels.md, "Changed since, not yet run
-on a GPU") have passed here only.
+state-lanes changes made since without one (docs/kernels.md, "Known limits") have passed
+here only.
 """
 import os
 import shutil
@@ -331,7 +331,7 @@ def test_emulated_deterministic_backward_bits_do_not_depend_on_block_order(emula
     atomic_forward, atomic_reverse = grads("", "forward"), grads("", "reverse")
     # dB only: the coupling's gradient is a sum of few terms, and with the emulator's threads
     # as OS threads the order of a block's atomics also varies from run to run, so the two
-    # block orders gave it the same bits by chance (once in about ten runs, 2026-12-07).
+    # block orders gave it the same bits by chance (about once in ten runs).
     assert not torch.equal(atomic_forward["dB"], atomic_reverse["dB"])
     twice = run_emulated(emulator, tmp_path, "bwd", "state_lanes", inputs, torch.float32, flags,
                          dy=dy, dfinal=dfinal, env={"CUDA_EMU_ONE_ADD": "1"}, allow_failure=True)

@@ -1,4 +1,4 @@
-"""msa_metrics and its parts on hand-computed cases (SPEC §7)."""
+"""msa_metrics and its parts on hand-computed cases (docs/contract.md)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Tests of the Coupled Mamba model, its layer and the baselines (issue 4, SPEC §6).
+"""Tests of the Coupled Mamba model, its layer and the baselines (issue 4, docs/contract.md).
 
 Small sizes throughout: the model's math does not depend on them, and the whole file must
 stay fast on a 2-core CPU.

@@ -39,7 +39,7 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cuda_matches_reference_and_cpu_kernel(shape, dtype):
     """y, the final state and the gradient of every argument: CUDA vs the float64 reference
-    (SPEC §5 tolerances) and vs the CPU kernel on the same inputs."""
+    (docs/contract.md's tolerances) and vs the CPU kernel on the same inputs."""
     inputs = make_scan_inputs(*shape, dtype=dtype, device="cuda", seed=sum(shape))
     M, batch, dim, L, N = shape
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""Bad input (SPEC §4): each check raises RuntimeError naming the operator, the argument, what
+"""Bad input (contract.md): each check raises RuntimeError naming the operator, the argument, what
 was expected and what was received. The messages asserted here are the contract users see."""
 import re
 

@@ -1,5 +1,5 @@
-"""Forward correctness of coupled_selective_scan against the float64 reference (SPEC §1, §2,
-§4, §5): shapes, dtypes, optional arguments, strides, L = 0, an empty batch or no channels,
+"""Forward correctness of coupled_selective_scan against the float64 reference
+(contract.md): shapes, dtypes, optional arguments, strides, L = 0, an empty batch or no channels,
 the M = 1 Mamba equivalence, the coupling's stability, and non-finite inputs."""
 import random
 
@@ -38,7 +38,7 @@ SHAPES = [
 
 def skip_unsupported(device, dtype):
     if device != "cpu" and dtype == torch.float64:
-        pytest.skip("float64 is a CPU-only dtype (SPEC §2)")
+        pytest.skip("float64 is a CPU-only dtype (docs/contract.md)")
 
 
 def check_forward(inputs, what):
@@ -92,7 +92,7 @@ def test_optional_arguments(device, without):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("options", [False, True], ids=["plain", "D-z-bias-softplus"])
 def test_single_modality_is_mamba(device, dtype, options):
-    """M = 1 with coupling 1 is Mamba's selective scan (SPEC §1)."""
+    """M = 1 with coupling 1 is Mamba's selective scan (docs/contract.md)."""
     skip_unsupported(device, dtype)
     inputs = make_scan_inputs(1, 2, 5, 130, 16, dtype=dtype, device=device, seed=3,
                               D=options, z=options, delta_bias=options, delta_softplus=options,
@@ -236,7 +236,7 @@ def _ones_and_normalised_states(device, lengths):
 
 
 def test_paper_coupling_ones_diverges_normalised_stays_bounded():
-    """SPEC §1: with w = 1 (the paper's plain sum) the coupled recurrence multiplies the state
+    """math.md §5: with w = 1 (the paper's plain sum) the coupled recurrence multiplies the state
     by P = Σ_m a_m ∈ (0, M) each step and grows without bound for M = 3; with w = 1/M,
     P = mean(a_m) < 1 and |G[t]| ≤ |G[0]| + max|b| / (1 - max a) for every t."""
     lengths = [25, 50, 100]

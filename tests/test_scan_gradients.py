@@ -1,5 +1,5 @@
 """Gradients of coupled_selective_scan: every argument against autograd through the float64
-reference (SPEC §5: fp32 ≤ 1e-4, bf16 ≤ 3e-2), and torch.autograd.gradcheck in float64."""
+reference (docs/contract.md: fp32 ≤ 1e-4, bf16 ≤ 3e-2), and torch.autograd.gradcheck in float64."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -51,7 +51,7 @@ def check_gradients(inputs, with_dfinal=True, seed=0):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M%d-b%d-d%d-L%d-N%d" % s)
 def test_gradients_match_reference(device, dtype, shape):
     if device != "cpu" and dtype == torch.float64:
-        pytest.skip("float64 is a CPU-only dtype (SPEC §2)")
+        pytest.skip("float64 is a CPU-only dtype (docs/contract.md)")
     inputs = make_scan_inputs(*shape, dtype=dtype, device=device, seed=sum(shape))
     check_gradients(inputs)
 

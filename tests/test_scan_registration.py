@@ -1,4 +1,4 @@
-"""The operators as registered PyTorch ops (SPEC §2): torch.library.opcheck (schema, fake
+"""The operators as registered PyTorch ops (docs/contract.md): torch.library.opcheck (schema, fake
 kernels, autograd registration, AOT dispatch), torch.compile(fullgraph=True) forward and
 backward against eager, torch.export with a dynamic length, and build_info()."""
 import os
@@ -49,7 +49,7 @@ OPCHECK_OPTIONS, OPCHECK_IDS = [c[1] for c in OPCHECK_CASES], [c[0] for c in OPC
 def opcheck_inputs(device, options):
     options = dict(options)
     if device != "cpu" and options.get("dtype") == torch.float64:
-        pytest.skip("float64 is a CPU-only dtype (SPEC §2)")
+        pytest.skip("float64 is a CPU-only dtype (docs/contract.md)")
     L = options.pop("L", 70)
     return make_scan_inputs(2, 2, 3, L, 4, device=device, seed=31, **options)
 
@@ -176,8 +176,8 @@ def test_runs_from_installed_wheel():
 @pytest.mark.skipif(os.environ.get("COUPLED_MAMBA_EXPECT_INSTALLED") != "1",
                     reason="checks an installed wheel; set COUPLED_MAMBA_EXPECT_INSTALLED=1")
 def test_installed_wheel_has_the_console_script():
-    """The wheel's `coupled-mamba` entry point (make demo runs the module from the source
-    tree, so nothing else starts the installed script)."""
+    """The wheel's `coupled-mamba` entry point (make demo starts the one of its own
+    environment, not this one)."""
     script = os.path.join(os.path.dirname(sys.executable), "coupled-mamba")
     assert os.path.exists(script), script
     done = subprocess.run([script, "train", "--help"], capture_output=True, text=True,

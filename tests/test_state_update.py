@@ -24,7 +24,7 @@ def step_inputs(inputs, t):
 @pytest.mark.parametrize("options", [True, False], ids=["all-args", "no-optional-args"])
 def test_state_update_matches_reference(device, dtype, options):
     if device != "cpu" and dtype == torch.float64:
-        pytest.skip("float64 is a CPU-only dtype (SPEC §2)")
+        pytest.skip("float64 is a CPU-only dtype (docs/contract.md)")
     inputs = make_scan_inputs(3, 2, 17, 1, 16, dtype=dtype, device=device, seed=21,
                               D=options, z=options, delta_bias=options, delta_softplus=options,
                               coupling=options)
@@ -43,7 +43,7 @@ def test_state_update_matches_reference(device, dtype, options):
 def test_chained_steps_equal_full_scan(device, dtype):
     """Streaming L = 70 steps one at a time gives the full scan's y and final state."""
     if device != "cpu" and dtype == torch.float64:
-        pytest.skip("float64 is a CPU-only dtype (SPEC §2)")
+        pytest.skip("float64 is a CPU-only dtype (docs/contract.md)")
     M, batch, dim, L, N = 3, 2, 5, 70, 8
     inputs = make_scan_inputs(M, batch, dim, L, N, dtype=dtype, device=device, seed=22)
     y_scan, final_scan = coupled_selective_scan(**inputs, return_final_state=True)

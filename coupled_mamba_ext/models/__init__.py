@@ -1,4 +1,4 @@
-"""The Coupled Mamba model, its layer and the paper's baselines (SPEC §6)."""
+"""The Coupled Mamba model, its layer and the paper's baselines (docs/contract.md)."""
 from .baselines import (AverageFusion, ConcatFusion, CrossAttentionFusion, CrossModalBlock,
                         IndependentMambaFusion, TransformerFusion)
 from .layer import (COUPLINGS, CoupledMambaLayer, CoupledMambaStack, LayerCache,

@@ -1,4 +1,4 @@
-"""The Coupled Mamba layer (paper Algorithm 1, SPEC §6) for all modalities at once.
+"""The Coupled Mamba layer (paper Algorithm 1; docs/contract.md) for all modalities at once.
 
 Every per-modality weight is stored stacked along a leading modality axis of size M and
 applied with one batched matmul (or one grouped convolution), so a layer costs the same
@@ -166,7 +166,7 @@ class CoupledMambaLayer(nn.Module):
             "mean": w = 1/M, fixed;
             "sum": w = 1, the paper's literal Eq. 6. Its transition P = sum_m a_m lies in
             (0, M), so for M >= 2 the state grows geometrically with L and overflows float32
-            on long sequences (SPEC §1); use it for short sequences or M = 1 only.
+            on long sequences (docs/math.md §5); use it for short sequences or M = 1 only.
         dt_min, dt_max: softplus(dt_bias) is initialised log-uniform in [dt_min, dt_max].
         dt_init_floor: lower clamp of those initial time steps.
         bc_norm: RMS-normalise B and C over the state axis at every step, without a

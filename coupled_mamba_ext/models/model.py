@@ -1,4 +1,4 @@
-"""The Coupled Mamba fusion model (SPEC §6) and, behind the same interface, its baselines."""
+"""The Coupled Mamba fusion model (contract.md) and, behind the same interface, its baselines."""
 import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 

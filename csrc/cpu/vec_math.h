@@ -1,6 +1,6 @@
 // Special functions for the CPU kernels, written so that gcc and clang vectorise the loops
 // that call them (glibc's expf / log1pf are calls a compiler cannot vectorise). The float
-// versions are accurate to a few ulp, well inside SPEC §5's 1e-5; the double versions (the
+// versions are accurate to a few ulp, well inside the contract's 1e-5; the double versions (the
 // gradcheck build) are the scalar functions of include/coupled_mamba/scan_math.h.
 #pragma once
 #include <algorithm>

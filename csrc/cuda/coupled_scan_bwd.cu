@@ -1,4 +1,4 @@
-// Backward CUDA kernel of the coupled selective scan (SPEC §1, "Backward").
+// Backward CUDA kernel of the coupled selective scan (docs/math.md §3).
 //
 // Same mapping and tiles as forward (scan_cuda_common.cuh), with the tiles walked from the
 // last to the first. For each tile and state index n:

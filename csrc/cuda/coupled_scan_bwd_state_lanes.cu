@@ -1,4 +1,4 @@
-// Backward CUDA kernel of the coupled selective scan (SPEC §1, "Backward"), "state lanes"
+// Backward CUDA kernel of the coupled selective scan (docs/math.md §3), "state lanes"
 // mapping (state_lanes.cuh): a row's states spread over R lanes, each lane walking time.
 //
 // The adjoint recurrence runs back in time, λ[t-1] = Σ_m μ_m·a_m with μ_m = dŷ_m·C_m + w_m·λ[t],

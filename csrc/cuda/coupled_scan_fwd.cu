@@ -1,4 +1,4 @@
-// Forward CUDA kernel of the coupled selective scan (SPEC §1). Thread mapping and tiling in
+// Forward CUDA kernel of the coupled selective scan (docs/math.md). Thread mapping and tiling in
 // scan_cuda_common.cuh: a segment of lanes per channel, consecutive steps per lane, the
 // state index walked sequentially with one scan over time per state; B, C and A of a group
 // of states are staged in shared memory for the whole block. The coupled state is saved at

@@ -1,4 +1,4 @@
-// Forward CUDA kernel of the coupled selective scan (SPEC §1), "state lanes" mapping
+// Forward CUDA kernel of the coupled selective scan (docs/math.md), "state lanes" mapping
 // (state_lanes.cuh): a row's states spread over R lanes, each lane walking time step by step.
 // Per step and modality a lane does, for each of its states,
 //   a = exp(Δ·A),  h = a·G[t-1] + Δu·B,  ŷ += C·h,  G[t] += w·h

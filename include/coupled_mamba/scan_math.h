@@ -1,4 +1,4 @@
-// Per-step math of the coupled selective scan (SPEC §1), shared by the CPU and CUDA kernels.
+// Per-step math of the coupled selective scan (docs/math.md), shared by the CPU and CUDA kernels.
 // Everything here is a scalar function of one (modality, time step, state) element, so a
 // kernel only decides how elements map to threads and lanes.
 #pragma once

@@ -1,4 +1,4 @@
-// The chunked CPU kernels against a naive loop written straight from SPEC §1, in C++ alone
+// The chunked CPU kernels against a naive loop written straight from docs/math.md, in C++ alone
 // (no Python, no torch tensors): the kernels take plain params structs over std::vector data.
 //
 // Forward: y, the final state and the saved chunk-start states, in float and double, with a
@@ -45,7 +45,7 @@ void check_close(const Vec& actual, const Vec& expected, double tol, const std::
   check(actual.size() == expected.size() && err <= tol, what + buf);
 }
 
-// One problem: sizes, options and the inputs in double, contiguous in SPEC §2's layouts.
+// One problem: sizes, options and the inputs in double, contiguous in the operator's layouts.
 // An absent optional argument is an empty vector.
 struct Problem {
   int64_t M, batch, dim, L, N;
@@ -111,7 +111,7 @@ struct NaiveOutputs {
   Vec chunk_states;  // (batch, dim, n_chunks, N): G at the start of each chunk
 };
 
-// SPEC §1, one (batch, channel) at a time, one step at a time.
+// docs/math.md §1, one (batch, channel) at a time, one step at a time.
 NaiveOutputs naive_scan(const Problem& p) {
   const int64_t M = p.M, N = p.N, L = p.L;
   NaiveOutputs out{Vec(M * p.batch * p.dim * L), Vec(p.batch * p.dim * N),
