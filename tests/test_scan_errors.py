@@ -200,19 +200,6 @@ def test_state_update_rejects_bad_input(make, pattern):
 
 
 # ------------------------------------------------------------------------------ devices
-@pytest.mark.cuda
-@requires_cuda
-@pytest.mark.parametrize("name", ["A", "B", "coupling", "initial_state"])
-def test_mixed_devices(name):
-    """Every argument must be on u's device; one left on the CPU is named."""
-    inputs = make_scan_inputs(M, BATCH, DIM, L, N, device="cuda")
-    inputs[name] = inputs[name].cpu()
-    with pytest.raises(RuntimeError, match=re.escape(
-            f"{SCAN}: argument '{name}' expected device cuda:0 (the device of u), got cpu")):
-        coupled_selective_scan(**inputs)
-
-
-# ------------------------------------------------------------------------------ meta device
 # A call with any argument on the meta device is sent to the fake kernel (ops.py), whatever
 # the devices of the others; the CPU and CUDA kernels check their own arguments (C++). Both
 # must refuse a mix of devices. The C++ check is reached on the CPU by sending the call to
@@ -225,13 +212,18 @@ OP_ROUTES = {
 BACKWARD_TENSOR_ARGS = ("dy", "dfinal_state", "u", "delta", "A", "B", "C", "D", "z",
                         "delta_bias", "coupling", "initial_state", "chunk_states", "y_ungated")
 UPDATE_TENSOR_ARGS = ("state", "u", "delta", "A", "B", "C", "D", "z", "delta_bias", "coupling")
+# (the device of the argument moved, that of all the others)
+DEVICE_MIXES = [pytest.param(("meta", "cpu"), id="meta-among-cpu"),
+                pytest.param(("cpu", "meta"), id="cpu-among-meta")] + [
+    pytest.param(mix, id=f"{mix[0]}-among-{mix[1]}", marks=[pytest.mark.cuda, requires_cuda])
+    for mix in (("cuda", "cpu"), ("cpu", "cuda"))]
 
 
-def _mixed_devices(args, name, alone):
-    """args with ``name`` on device ``alone`` and every other tensor on the other one of
-    cpu / meta; returns them and the message expected. The devices are compared with u's,
-    so with u alone the first argument checked, delta, is named."""
-    other = "cpu" if alone == "meta" else "meta"
+def _mixed_devices(args, name, mix):
+    """args with ``name`` on device mix[0] and every other tensor on mix[1]; returns them
+    and the message expected. The devices are compared with u's, so with u moved the first
+    argument checked, delta, is named."""
+    alone, other = mix
     args = {k: v.to(alone if k == name else other) if isinstance(v, torch.Tensor) else v
             for k, v in args.items()}
     bad = "delta" if name == "u" else name
@@ -244,33 +236,33 @@ def _assert_refused(call, op_name, message):
         call()
 
 
-@pytest.mark.parametrize("alone", ["meta", "cpu"])
+@pytest.mark.parametrize("mix", DEVICE_MIXES)
 @pytest.mark.parametrize("name", SCAN_TENSOR_ARGS)
-def test_scan_refuses_arguments_on_different_devices(name, alone):
-    args, message = _mixed_devices(base_inputs(), name, alone)
+def test_scan_refuses_arguments_on_different_devices(name, mix):
+    args, message = _mixed_devices(base_inputs(), name, mix)
     _assert_refused(lambda: coupled_selective_scan(**args), SCAN, message)
     for route in OP_ROUTES.values():
         _assert_refused(lambda: route(torch.ops.coupled_mamba.scan, args), SCAN, message)
 
 
-@pytest.mark.parametrize("alone", ["meta", "cpu"])
+@pytest.mark.parametrize("mix", DEVICE_MIXES)
 @pytest.mark.parametrize("name, with_z", [(n, True) for n in BACKWARD_TENSOR_ARGS] +
                          [(n, False) for n in BACKWARD_TENSOR_ARGS if n != "z"])
-def test_scan_backward_refuses_arguments_on_different_devices(name, with_z, alone):
+def test_scan_backward_refuses_arguments_on_different_devices(name, with_z, mix):
     inputs = dict(base_inputs(), z=None) if not with_z else base_inputs()
     _, _, chunk_states, y_ungated = torch.ops.coupled_mamba.scan(**inputs)
     args = dict(dy=torch.zeros(M, BATCH, DIM, L), dfinal_state=torch.zeros(BATCH, DIM, N),
                 **inputs, chunk_states=chunk_states, y_ungated=y_ungated)
-    args, message = _mixed_devices(args, name, alone)
+    args, message = _mixed_devices(args, name, mix)
     for route in OP_ROUTES.values():
         _assert_refused(lambda: route(torch.ops.coupled_mamba.scan_backward, args),
                         f"{SCAN} backward", message)
 
 
-@pytest.mark.parametrize("alone", ["meta", "cpu"])
+@pytest.mark.parametrize("mix", DEVICE_MIXES)
 @pytest.mark.parametrize("name", UPDATE_TENSOR_ARGS)
-def test_state_update_refuses_arguments_on_different_devices(name, alone):
-    args, message = _mixed_devices(update_inputs(), name, alone)
+def test_state_update_refuses_arguments_on_different_devices(name, mix):
+    args, message = _mixed_devices(update_inputs(), name, mix)
     _assert_refused(lambda: coupled_selective_state_update(**args), UPDATE, message)
     for route in OP_ROUTES.values():
         _assert_refused(lambda: route(torch.ops.coupled_mamba.state_update, args), UPDATE,
