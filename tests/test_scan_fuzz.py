@@ -16,8 +16,8 @@ import torch
 
 from conftest import (FWD_TOL, GRAD_TOL, SCAN_TENSOR_ARGS, make_scan_inputs, param_dtype, rel_err,
                       scan_with_grads, to_reference)
-from coupled_mamba_ext import coupled_selective_scan
-from coupled_mamba_ext.reference import coupled_scan_ref
+from coupled_mamba_ext import coupled_selective_scan, coupled_selective_state_update
+from coupled_mamba_ext.reference import coupled_scan_ref, coupled_state_update_ref
 
 N_CASES = 80
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -168,3 +168,23 @@ def test_plus_inf_delta_matches_reference(N, softplus, dtype):
         for key in out:
             torch.testing.assert_close(out[key].isnan(), ref[key].isnan(), msg=key)
             torch.testing.assert_close(out[key].isinf(), ref[key].isinf(), msg=key)
+
+
+@pytest.mark.parametrize("seed", range(N_CASES, N_CASES + 20))
+def test_fuzz_state_update_against_reference(seed):
+    """One step of streaming inference on the same kind of random inputs (their first step)."""
+    inputs, _, _ = random_case(seed)
+    args = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    for name in ("u", "delta", "z", "B", "C"):
+        if args[name] is not None:
+            args[name] = args[name][..., 0]
+    M, batch, dim = args["u"].shape
+    state = args.pop("initial_state")
+    if state is None:
+        state = torch.zeros(batch, dim, args["A"].shape[-1], dtype=param_dtype(args["u"].dtype))
+    y, new_state = coupled_selective_state_update(state, **args)
+    ref_y, ref_state = coupled_state_update_ref(**to_reference(dict(args, state=state)))
+    what = f"seed {seed}: {_describe(inputs)}"
+    tol = FWD_TOL[args["u"].dtype]
+    assert_matches_reference(y, ref_y, tol, f"y ({what})")
+    assert_matches_reference(new_state, ref_state, tol, f"new_state ({what})")
