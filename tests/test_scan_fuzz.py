@@ -1,5 +1,6 @@
 """Seeded fuzzing of coupled_selective_scan against the float64 reference: random sizes,
-dtypes, memory layouts, optional arguments and non-finite values, forward and every gradient.
+dtypes, memory layouts, optional arguments and non-finite values, forward and every gradient;
+and of the state update's forward against coupled_state_update_ref.
 
 Each case must finish, and agree with the reference where it is finite (within the
 project's tolerances) and where it is not: the same elements non-finite, NaN where the
