@@ -5,7 +5,6 @@ A pickle names the functions and classes that rebuild its objects ("globals", su
 run any code. ``load_restricted`` admits only the globals that a pickle of numpy arrays and
 builtin containers holds, and refuses any other before it is called.
 """
-import builtins
 import pickle
 from typing import BinaryIO, Callable, Dict, Tuple
 
@@ -49,12 +48,11 @@ ADMITTED: Dict[Tuple[str, str], Callable] = {
 
 class ForbiddenGlobalError(pickle.UnpicklingError):
     """The pickle refers to a global that ``load_restricted`` does not admit; ``name`` is it
-    ("module.name"), ``detail`` says more when the name itself was admitted."""
+    ("module.name"), ``detail`` says how it was used when the name itself is admitted."""
 
     def __init__(self, name: str, detail: str = ""):
         super().__init__(f"the pickle refers to {name}{' ' + detail if detail else ''}")
         self.name = name
-        self.detail = detail
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
