@@ -27,8 +27,24 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------- fake kernels
+# The dispatcher sends a call with any argument on the meta device here, whatever the
+# devices of the others (meta outranks every backend), so the C++ kernels' device check
+# never sees it: without this one, meta arguments next to CPU ones gave uninitialised CPU
+# outputs. The message is the C++ check's.
+def _check_devices(op: str, tensors: dict) -> None:
+    """Every tensor of ``tensors`` (name -> tensor or None) on the device of tensors["u"]."""
+    device = tensors["u"].device
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise RuntimeError(f"{op}: argument '{name}' expected device {device} (the device "
+                               f"of u), got {t.device}")
+
+
 @torch.library.register_fake("coupled_mamba::scan")
 def _scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, initial_state):
+    _check_devices("coupled_selective_scan", dict(
+        u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, coupling=coupling,
+        initial_state=initial_state))
     M, batch, dim, L = u.shape
     N = A.shape[-1]
     acc = _compute_dtype(u.dtype)
@@ -42,6 +58,11 @@ def _scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling, in
 @torch.library.register_fake("coupled_mamba::scan_backward")
 def _scan_backward_fake(dy, dfinal_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                         coupling, initial_state, chunk_states, y_ungated):
+    _check_devices("coupled_selective_scan backward", dict(  # in the C++ check's order
+        u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, coupling=coupling,
+        initial_state=initial_state, dy=dy, dfinal_state=dfinal_state,
+        chunk_states=chunk_states, y_ungated=y_ungated))
+
     def like(x):
         return torch.empty_like(x, memory_format=torch.contiguous_format) if x is not None \
             else u.new_empty((0,), dtype=A.dtype)
@@ -54,6 +75,9 @@ def _scan_backward_fake(dy, dfinal_state, u, delta, A, B, C, D, z, delta_bias, d
 
 @torch.library.register_fake("coupled_mamba::state_update")
 def _state_update_fake(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, coupling):
+    _check_devices("coupled_selective_state_update", dict(
+        u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, coupling=coupling,
+        state=state))
     return u.new_empty(u.shape), torch.empty_like(state, memory_format=torch.contiguous_format)
 
 

@@ -194,6 +194,9 @@ ScanBwdCall prepare_scan_backward(const Tensor& dy, const OptTensor& dfinal_stat
   if (z)
     check(y_ungated, "y_ungated", {s.n_modalities, s.batch, s.dim, s.seqlen},
           "(M, batch, dim, L), from forward", dtype, "same as u");
+  else  // unused, but an argument on another device is a mistake all the same
+    TORCH_CHECK(y_ungated.device() == u.device(), op, ": argument 'y_ungated' expected device ",
+                u.device(), " (the device of u), got ", y_ungated.device());
 
   ScanBwdCall call;
   const auto acc_opts = u.options().dtype(acc);

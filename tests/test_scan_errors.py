@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from conftest import make_scan_inputs, requires_cuda
+from conftest import SCAN_TENSOR_ARGS, make_scan_inputs, map_tensors, requires_cuda
 from coupled_mamba_ext import coupled_selective_scan, coupled_selective_state_update
 
 M, BATCH, DIM, L, N = 3, 2, 5, 7, 4
@@ -200,13 +200,88 @@ def test_state_update_rejects_bad_input(make, pattern):
 
 
 # ------------------------------------------------------------------------------ devices
-@pytest.mark.cuda
-@requires_cuda
-@pytest.mark.parametrize("name", ["A", "B", "coupling", "initial_state"])
-def test_mixed_devices(name):
-    """Every argument must be on u's device; one left on the CPU is named."""
-    inputs = make_scan_inputs(M, BATCH, DIM, L, N, device="cuda")
-    inputs[name] = inputs[name].cpu()
-    with pytest.raises(RuntimeError, match=re.escape(
-            f"{SCAN}: argument '{name}' expected device cuda:0 (the device of u), got cpu")):
-        coupled_selective_scan(**inputs)
+# A call with any argument on the meta device is sent to the fake kernel (ops.py), whatever
+# the devices of the others; the CPU and CUDA kernels check their own arguments (C++). Both
+# must refuse a mix of devices. The C++ check is reached on the CPU by sending the call to
+# the CPU kernel itself.
+CPU_KERNEL = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+OP_ROUTES = {
+    "dispatcher": lambda op, args: op(**args),
+    "cpu-kernel": lambda op, args: op.default.redispatch(CPU_KERNEL, **args),
+}
+BACKWARD_TENSOR_ARGS = ("dy", "dfinal_state", "u", "delta", "A", "B", "C", "D", "z",
+                        "delta_bias", "coupling", "initial_state", "chunk_states", "y_ungated")
+UPDATE_TENSOR_ARGS = ("state", "u", "delta", "A", "B", "C", "D", "z", "delta_bias", "coupling")
+# (the device of the argument moved, that of all the others)
+DEVICE_MIXES = [pytest.param(("meta", "cpu"), id="meta-among-cpu"),
+                pytest.param(("cpu", "meta"), id="cpu-among-meta")] + [
+    pytest.param(mix, id=f"{mix[0]}-among-{mix[1]}", marks=[pytest.mark.cuda, requires_cuda])
+    for mix in (("cuda", "cpu"), ("cpu", "cuda"))]
+
+
+def _mixed_devices(args, name, mix):
+    """args with ``name`` on device mix[0] and every other tensor on mix[1]; returns them
+    and the message expected. The devices are compared with u's, so with u moved the first
+    argument checked, delta, is named."""
+    alone, other = mix
+    args = {k: v.to(alone if k == name else other) if isinstance(v, torch.Tensor) else v
+            for k, v in args.items()}
+    bad = "delta" if name == "u" else name
+    return args, (f"argument '{bad}' expected device {args['u'].device} (the device of u), "
+                  f"got {args[bad].device}")
+
+
+def _assert_refused(call, op_name, message):
+    with pytest.raises(RuntimeError, match=re.escape(f"{op_name}: {message}")):
+        call()
+
+
+@pytest.mark.parametrize("mix", DEVICE_MIXES)
+@pytest.mark.parametrize("name", SCAN_TENSOR_ARGS)
+def test_scan_refuses_arguments_on_different_devices(name, mix):
+    args, message = _mixed_devices(base_inputs(), name, mix)
+    _assert_refused(lambda: coupled_selective_scan(**args), SCAN, message)
+    for route in OP_ROUTES.values():
+        _assert_refused(lambda: route(torch.ops.coupled_mamba.scan, args), SCAN, message)
+
+
+@pytest.mark.parametrize("mix", DEVICE_MIXES)
+@pytest.mark.parametrize("name, with_z", [(n, True) for n in BACKWARD_TENSOR_ARGS] +
+                         [(n, False) for n in BACKWARD_TENSOR_ARGS if n != "z"])
+def test_scan_backward_refuses_arguments_on_different_devices(name, with_z, mix):
+    inputs = dict(base_inputs(), z=None) if not with_z else base_inputs()
+    _, _, chunk_states, y_ungated = torch.ops.coupled_mamba.scan(**inputs)
+    args = dict(dy=torch.zeros(M, BATCH, DIM, L), dfinal_state=torch.zeros(BATCH, DIM, N),
+                **inputs, chunk_states=chunk_states, y_ungated=y_ungated)
+    args, message = _mixed_devices(args, name, mix)
+    for route in OP_ROUTES.values():
+        _assert_refused(lambda: route(torch.ops.coupled_mamba.scan_backward, args),
+                        f"{SCAN} backward", message)
+
+
+@pytest.mark.parametrize("mix", DEVICE_MIXES)
+@pytest.mark.parametrize("name", UPDATE_TENSOR_ARGS)
+def test_state_update_refuses_arguments_on_different_devices(name, mix):
+    args, message = _mixed_devices(update_inputs(), name, mix)
+    _assert_refused(lambda: coupled_selective_state_update(**args), UPDATE, message)
+    for route in OP_ROUTES.values():
+        _assert_refused(lambda: route(torch.ops.coupled_mamba.state_update, args), UPDATE,
+                        message)
+
+
+def test_all_meta_arguments_give_the_output_shapes():
+    """Meta tensors alone are a shape computation (what tracing relies on)."""
+    inputs = map_tensors(base_inputs(), lambda x: x.to("meta"))
+    y, final_state = coupled_selective_scan(**inputs, return_final_state=True)
+    assert (y.device.type, y.shape) == ("meta", (M, BATCH, DIM, L))
+    assert (final_state.device.type, final_state.shape) == ("meta", (BATCH, DIM, N))
+    _, _, chunk_states, y_ungated = torch.ops.coupled_mamba.scan(**inputs)
+    grads = torch.ops.coupled_mamba.scan_backward(
+        torch.zeros(M, BATCH, DIM, L, device="meta"), None, **inputs,
+        chunk_states=chunk_states, y_ungated=y_ungated)
+    assert all(g.device.type == "meta" for g in grads)
+    assert [tuple(g.shape) for g in grads[:5]] == [tuple(inputs[k].shape)
+                                                   for k in ("u", "delta", "A", "B", "C")]
+    y, new_state = coupled_selective_state_update(**map_tensors(update_inputs(),
+                                                                lambda x: x.to("meta")))
+    assert (y.shape, new_state.shape) == ((M, BATCH, DIM), (BATCH, DIM, N))

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..metrics import sims_classes
+from .safe_pickle import ForbiddenGlobalError, load_restricted
 
 MODALITIES = ("text", "audio", "vision")
 SPLITS = ("train", "valid", "test")
@@ -88,13 +89,17 @@ class MMSAData:
 
 # ----------------------------------------------------------------------------- reading
 def read_pickle(path: Union[str, os.PathLike]) -> dict:
-    """Unpickle ``path``; a truncated or corrupted file raises MMSAFormatError naming it.
-
-    Unpickling runs code stored in the file: only load files from sources you trust.
-    """
+    """Unpickle ``path`` without running code from it (``safe_pickle.load_restricted``: numpy
+    arrays, dtypes, builtin containers and scalars only). A pickle that refers to anything
+    else, or a truncated or corrupted file, raises MMSAFormatError naming the file."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f)
+            return load_restricted(f)
+    except ForbiddenGlobalError as err:
+        raise MMSAFormatError(
+            f"{path}: refused to unpickle it: {err}, which an MMSA pickle does not hold (only "
+            f"numpy arrays, dtypes and builtin containers and scalars are admitted, since "
+            f"anything else could run code on loading)") from None
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
             TypeError, ValueError, MemoryError) as err:
         raise MMSAFormatError(f"{path}: cannot read it as an MMSA pickle, the file is truncated "

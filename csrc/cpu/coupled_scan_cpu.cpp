@@ -60,8 +60,12 @@ constexpr int64_t kRowsPerTask = 16;
 constexpr int64_t K = kChunkLen;
 // States are processed in blocks of kLanes (one AVX-512 vector of floats, two AVX2 ones), a
 // fixed trip count that compiles to whole vectors with no remainder loop. Buffers over states
-// are padded with zeros to Np, a multiple of kLanes: a padded state has A = B = C = 0 and
-// starts at 0, so it stays 0 and adds nothing to any output or gradient.
+// are padded to Np, a multiple of kLanes: a padded state has B = C = 0 and starts at 0, so
+// it stays 0 and adds nothing to any output or gradient while Δ·u is finite. Its A is -1,
+// not 0: with Δ = +inf its decay exp(Δ·A) is then 0, not exp(inf·0) = NaN, which backward
+// would carry through dℓ/dG into the gradients of every earlier step, finite in the
+// reference. (Where Δ·u is infinite, its Δ·u·B = inf·0 is NaN and enters y through C = 0:
+// docs/api.md, "Non-finite inputs".)
 constexpr int64_t kLanes = 16;
 inline int64_t padded_states(int64_t N) { return (N + kLanes - 1) / kLanes * kLanes; }
 
@@ -254,7 +258,7 @@ struct TaskScratch {
   explicit TaskScratch(const P& p)
       : s(p.shape),
         Np(padded_states(s.dstate)),
-        A(kRowsPerTask * s.n_modalities * Np, acc_t(0)),
+        A(kRowsPerTask * s.n_modalities * Np, acc_t(-1)),
         D(kRowsPerTask * s.n_modalities),
         bias(kRowsPerTask * s.n_modalities),
         w(s.n_modalities),

@@ -18,14 +18,18 @@ namespace cpu {
 
 // exp: e^x = 2^k · e^r with k = round(x / ln2) and |r| <= ln2/2, e^r by a degree-5
 // polynomial (coefficients fitted here for minimal relative error on that interval; relative
-// error of the whole function at most 1.8e-7, about 1.5 ulp). The input is clamped to
-// [clamp.lo, clamp.hi] = [-87, 88]: below, it returns ~1.6e-38 instead of a denormal or 0,
-// far below fp32's resolution of the sums it enters; above, it saturates at ~1.7e38. NaN
-// propagates (each clamp is written so that its comparison is false for NaN and keeps x).
-// Rounding by adding 1.5·2^23 + 127 leaves k + 127 in the sum's low mantissa bits, so the
-// scale 2^k is that sum's bits shifted left by 23: no float-to-int conversion.
+// error of the whole function at most 1.8e-7, about 1.5 ulp). Rounding by adding
+// 1.5·2^23 + 127 leaves k + 127 in the sum's low mantissa bits, so the scale 2^k is that
+// sum's bits shifted left by 23: no float-to-int conversion. The input is clamped to
+// [clamp.lo, clamp.hi] = [-88, 89], the range where k + 127 lies in [0, 255]: at the ends
+// the scale's bits are those of 0 (k = -127) and of +inf (k = 128), so e^x is 0 for
+// x <= -87.7 (where it is below fp32's normal range; denormals are flushed anyway) and +inf
+// for x >= 88.4 (from 2.4e38, near fp32's largest 3.4e38). Hence exp(-inf) = 0 and
+// exp(+inf) = inf, as in the float64 reference: a decay exp(Δ·A) with Δ = +inf is 0, not a
+// small number whose product with an infinite state would stay infinite instead of NaN.
+// NaN propagates (each clamp is written so that its comparison is false for NaN and keeps x).
 struct ExpClamp {
-  float lo = -87.0f, hi = 88.0f;
+  float lo = -88.0f, hi = 89.0f;
 
   // The same bounds, read from memory that the compiler cannot see through. With constant
   // bounds gcc folds exp(bound) and turns each clamp into compares and blends after the
@@ -88,7 +92,7 @@ inline double sigmoid_vec(double x) { return sigmoid(x); }
 // Flushes denormal results and operands to zero (MXCSR's FTZ and DAZ, as
 // torch.set_flush_denormal does) in the calling thread while it lives, and restores the
 // previous mode after. The scan makes denormals routinely: exp(Δ·A) is ~1e-38 when Δ·A is
-// below -87 (exp_vec's clamp) and its product with a state is then denormal; and with
+// near -87 (the end of exp_vec's range) and its product with a state is then denormal; and with
 // constant clamp bounds gcc evaluates both sides of exp_vec's clamps in every lane and
 // blends, so the clamped side's products are computed even for ordinary inputs. Each
 // denormal costs a microcode assist (~100 cycles on Intel cores): without this the forward
