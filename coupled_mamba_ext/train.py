@@ -6,9 +6,15 @@ processes with per-process batch B / K see exactly the batches of one process wi
 Rank 0 alone evaluates, logs and writes files. See docs/training.md.
 """
 import contextlib
+import importlib.util
+import csv
 import dataclasses
+import fcntl
+import io
 import json
 import os
+import pickle
+import sys
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -20,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from .data import MMSAData, MMSADataset, collate_mmsa, load_mmsa, load_synthetic
-from .data.mmsa import atomic_write
+from .data.mmsa import atomic_write, remove_temporary_files
 from .data.synthetic import DEFAULT_SIZES as SYNTHETIC_DEFAULT_SIZES
 from .errors import UsageError
 from .metrics import classification_metrics, msa_metrics
@@ -50,6 +56,9 @@ SYNTHETIC_TRAIN_SIZE = 8000
 CHECKPOINT = "checkpoint.pt"  # everything needed to resume; rewritten after every epoch
 BEST = "best.pt"              # the model selected on the validation split, for `eval`
 RESULTS = "results.json"
+METRICS = "metrics.csv"       # one row per epoch, rewritten after every epoch
+LOCK = ".lock"                # held by the live run writing the folder; holds its pid
+TENSORBOARD = "tensorboard"   # --tensorboard's event files
 CURVES = "learning_curves.png"
 REPORT = "report.md"
 
@@ -89,6 +98,7 @@ class TrainConfig:
     deterministic: bool = False
     resume: bool = False
     num_workers: int = 0
+    tensorboard: bool = False
 
 
 # Fields that must agree between a checkpoint and the command that resumes it.
@@ -130,8 +140,9 @@ def load_data(data: str, dataset: Optional[str] = None, data_seed: int = 0,
 
 # Integer options and the least value each takes (None, a default still to come, is not
 # checked).
-_AT_LEAST = {"epochs": 1, "batch_size": 1, "d_model": 1, "n_layers": 1, "d_state": 1,
-             "seq_len": 1, "dt_rank": 1, "synthetic_train_size": 1, "num_workers": 0}
+_AT_LEAST = {"seed": 0, "data_seed": 0, "epochs": 1, "batch_size": 1, "d_model": 1,
+             "n_layers": 1, "d_state": 1, "seq_len": 1, "dt_rank": 1, "synthetic_train_size": 1,
+             "num_workers": 0}
 
 
 def _option(field: str) -> str:
@@ -166,9 +177,22 @@ def check_config(config: TrainConfig) -> None:
     if config.weight_decay_on is not None and config.weight_decay_on not in WEIGHT_DECAY_ON:
         raise UsageError(f"--weight-decay-on: expected one of {WEIGHT_DECAY_ON}, got "
                          f"{config.weight_decay_on!r}")
+    if config.fusion in ATTENTION_FUSIONS and config.d_model is not None and \
+            config.d_model % ATTENTION_HEADS:
+        raise UsageError(f"--d-model {config.d_model}: --fusion {config.fusion} splits it over "
+                         f"{ATTENTION_HEADS} attention heads, expected a multiple of "
+                         f"{ATTENTION_HEADS}")
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard: the tensorboard package is not installed "
+                         "(pip install tensorboard)")
     if config.coupling != "learned" and config.fusion != "coupled":
         raise UsageError(f"--coupling {config.coupling}: only --fusion coupled has a coupling, "
                          f"this run has --fusion {config.fusion}")
+
+
+# The attention baselines' heads (the model's default); d_model must be a multiple.
+ATTENTION_HEADS = 4
+ATTENTION_FUSIONS = ("cross_attention", "transformer")
 
 
 def build_model(config: TrainConfig, input_dims: List[int], num_classes: int) -> CoupledMamba:
@@ -181,7 +205,8 @@ def build_model(config: TrainConfig, input_dims: List[int], num_classes: int) ->
         fusion=config.fusion, task=config.task,
         num_classes=num_classes if config.task == "classification" else None,
         dropout=config.dropout, seq_len=config.seq_len, coupling=config.coupling,
-        dt_rank="auto" if config.dt_rank is None else config.dt_rank, **layer_settings)
+        n_heads=ATTENTION_HEADS, dt_rank="auto" if config.dt_rank is None else config.dt_rank,
+        **layer_settings)
 
 
 WEIGHT_DECAY_ON = ("all", "weights")
@@ -207,6 +232,36 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_on: str)
             (no_decay if exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _memory_of(device: torch.device) -> int:
+    """Bytes of memory of ``device``: the GPU's, or the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(config: TrainConfig, data: MMSAData, process: "Process") -> None:
+    """Refuse, before anything is allocated, a (resolved) configuration whose model cannot
+    fit on the device. The model is built on the meta device to count its parameters; the
+    estimate is a lower bound (float32 weights, gradients and Adam's two moments, plus each
+    layer's input of one batch, which the backward keeps), so a refused run could not
+    have run."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in
+                         build_model(config, data.feature_dims, data.num_classes).parameters())
+    steps = config.seq_len or max(f.shape[1] for f in data.splits["train"].features)
+    batch = config.batch_size // process.world_size
+    activations = batch * steps * len(data.feature_dims) * config.d_model * config.n_layers
+    needed = 4 * (4 * parameters + activations)
+    available = _memory_of(process.device)
+    if needed > available:
+        raise UsageError(
+            f"model size: --d-model {config.d_model}, --n-layers {config.n_layers}, --d-state "
+            f"{config.d_state}, --batch-size {config.batch_size} need at least "
+            f"{needed / 2 ** 30:.1f} GiB ({parameters} parameters with their gradients and "
+            f"Adam state, and one batch's layer inputs), more than the "
+            f"{available / 2 ** 30:.1f} GiB of {process.device}")
 
 
 # ----------------------------------------------------------------------------- process setup
@@ -282,9 +337,91 @@ def save_json(obj, path: str) -> None:
     save_text(json.dumps(_json_safe(obj), indent=2) + "\n", path)
 
 
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint or best-model file written by ``train`` (tensors and plain Python only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+# What every file of ``train`` holds (best.pt, checkpoint.pt), and what resuming needs more.
+MODEL_FILE_KEYS = ("model", "epoch", "config", "input_dims", "num_classes")
+RESUME_KEYS = MODEL_FILE_KEYS + ("optimizer", "rng", "history", "best", "train_seconds")
+
+
+def load_checkpoint(path: str, keys: Tuple[str, ...] = MODEL_FILE_KEYS) -> dict:
+    """A checkpoint or best-model file written by ``train``, read with
+    ``torch.load(weights_only=True)`` (tensors and plain Python only). An empty, truncated
+    or corrupted file, one the loader refuses, or one without ``keys`` (a .pt from
+    elsewhere) raises UsageError naming the file; a missing one FileNotFoundError."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise UsageError(f"{path}: the file is empty, not a checkpoint")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((line.strip() for line in str(err).splitlines()
+                       if "Unsupported global" in line), str(err).splitlines()[0])
+        raise UsageError(f"{path}: torch.load(weights_only=True) refuses it ({reason}); the "
+                         f"files of coupled-mamba train hold only tensors and plain Python "
+                         f"values") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as err:  # torch.load fails in many ways on a damaged file
+        first = str(err).split(". ")[0].splitlines()[0] if str(err) else ""
+        raise UsageError(f"{path}: cannot read it as a checkpoint, the file is truncated or "
+                         f"corrupted ({type(err).__name__}: {first})") from None
+    missing = [k for k in keys if k not in saved] if isinstance(saved, dict) else list(keys)
+    if missing:
+        raise UsageError(f"{path}: not a file of coupled-mamba train (it lacks "
+                         f"{', '.join(repr(k) for k in missing)})")
+    return saved
+
+
+def saved_config(saved: dict, path: str) -> "TrainConfig":
+    """The TrainConfig of a loaded checkpoint (fields it predates filled in); UsageError
+    naming ``path`` when its configuration is not one of this package's."""
+    try:
+        return TrainConfig(**_with_fields_added_since(saved["config"]))
+    except TypeError as err:
+        raise UsageError(f"{path}: its 'config' is not a configuration of coupled-mamba "
+                         f"train ({err})") from None
+
+
+@contextlib.contextmanager
+def output_lock(out: str):
+    """Hold ``out``'s lock for the time of a run: a second run into the same folder while
+    this one lives raises UsageError naming the holder's pid. The lock is an advisory
+    ``flock`` on ``out/.lock`` (which holds the pid): the kernel drops it when its process
+    dies, so the lock of a killed run is taken over."""
+    path = os.path.join(out, LOCK)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UsageError(f"--out {out}: another run (pid {holder}) is writing there; wait "
+                             f"for it to end or choose another --out") from None
+        # The holder before us deletes the file as it lets go: a lock on a deleted file
+        # would lock nothing, so check that the path is still this file.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
+
+
+def save_metrics_csv(history: List[dict], path: str) -> None:
+    """The per-epoch history as CSV: epoch, train_loss, valid_loss, then valid_<metric> for
+    every validation metric; full float precision, NaN as ``nan``."""
+    names = list(history[0]["valid"]) if history else []
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["epoch", "train_loss", "valid_loss", *(f"valid_{n}" for n in names)])
+    for h in history:
+        writer.writerow([h["epoch"], h["train_loss"], h["valid_loss"],
+                         *(h["valid"][n] for n in names)])
+    save_text(buffer.getvalue(), path)
 
 
 # ----------------------------------------------------------------------------- loops
@@ -305,7 +442,7 @@ def train_one_epoch(model, loader, optimizer, config: TrainConfig, process: Proc
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-               disable=not process.is_main, dynamic_ncols=True)
+               disable=not (process.is_main and _interactive()), dynamic_ncols=True)
     for step, batch in enumerate(bar):
         batch = batch.to(process.device)
         with _autocast(process.device, config.amp):
@@ -319,6 +456,12 @@ def train_one_epoch(model, loader, optimizer, config: TrainConfig, process: Proc
         count += len(batch.regression)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return total / max(count, 1)
+
+
+def _interactive() -> bool:
+    """A progress bar only on a terminal: redirected to a file, its frames would bury the
+    one line per epoch."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def _stop_if_diverged(model, loss: torch.Tensor, process: Process, epoch: int,
@@ -494,11 +637,26 @@ def _train(config: TrainConfig, process: Process) -> Optional[dict]:
     if config.batch_size % process.world_size:
         raise UsageError(f"--batch-size {config.batch_size} (the global batch) must be divisible "
                          f"by the number of processes {process.world_size}")
+    check_memory(config, data, process)
     os.makedirs(config.out, exist_ok=True)
+    with output_lock(config.out) if process.is_main else contextlib.nullcontext():
+        checkpoint_path = os.path.join(config.out, CHECKPOINT)
+        if os.path.exists(checkpoint_path) and not config.resume:
+            raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue that "
+                                  f"run, or choose another --out")
+        if process.is_main:
+            remove_temporary_files(config.out)  # of a run killed while saving
+        return _train_locked(config, data, process)
+
+
+def _train_locked(config: TrainConfig, data: MMSAData, process: Process) -> Optional[dict]:
+    """The epochs and the outputs of ``train``, the output folder held (rank 0).
+
+    Each epoch saves, in order: checkpoint.pt (the record of the run: weights, optimizer,
+    random state, history and the best model so far), then best.pt when the epoch is the
+    best, then metrics.csv. Each file is replaced atomically; a run killed between two of
+    them resumes from checkpoint.pt and writes the others again from it."""
     checkpoint_path = os.path.join(config.out, CHECKPOINT)
-    if os.path.exists(checkpoint_path) and not config.resume:
-        raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue that run, "
-                              f"or choose another --out")
 
     def log(message: str) -> None:
         if process.is_main:
@@ -512,12 +670,15 @@ def _train(config: TrainConfig, process: Process) -> Optional[dict]:
         parameter_groups(model, config.weight_decay, config.weight_decay_on), lr=config.lr)
     state = {"epoch": 0, "history": [], "best": None, "train_seconds": 0.0}
     if config.resume and os.path.exists(checkpoint_path):
-        saved = load_checkpoint(checkpoint_path)
+        saved = load_checkpoint(checkpoint_path, RESUME_KEYS)
         _check_resumable(saved["config"], config)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
         state = {k: saved[k] for k in state}
+        if process.is_main and state["best"] is not None:
+            _save_best(state["best"], config, data)
+            save_metrics_csv(state["history"], os.path.join(config.out, METRICS))
         log(f"resuming {checkpoint_path} after epoch {state['epoch']}")
 
     trained = model
@@ -532,43 +693,77 @@ def _train(config: TrainConfig, process: Process) -> Optional[dict]:
     valid_loader = eval_loader(data, "valid", config.batch_size, config.num_workers)
     metrics_dataset = data.info.metrics_dataset
     shown = key_metric(config.task, metrics_dataset)
-    log(f"{config.fusion} fusion, {config.task}, {data.info.name}: "
+    log(f"{config.fusion} fusion, {config.task}, {data.info.name}, seed {config.seed}: "
         f"{sum(p.numel() for p in model.parameters())} parameters, "
         f"{len(data.splits['train'])} training samples, {process.world_size} process(es) on "
         f"{process.device}")
 
-    for epoch in range(state["epoch"], config.epochs):
-        started = time.time()
-        sampler.set_epoch(epoch)  # a new order every epoch, the same on every rank
-        train_loss = train_one_epoch(trained, train_loader, optimizer, config, process, epoch)
-        state["train_seconds"] += time.time() - started
-        state["epoch"] = epoch + 1
-        if not process.is_main:
-            continue
-        valid_loss, valid = evaluate(model, valid_loader, config.task, metrics_dataset,
-                                     process.device, config.amp)
-        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss,
-                                 "valid_loss": valid_loss, "valid": valid})
-        improved = state["best"] is None or valid_loss < state["best"]["valid_loss"]
-        if improved:  # model selection on the validation loss, as MMSA does
-            state["best"] = {"epoch": epoch + 1, "valid_loss": valid_loss,
-                             "model": {k: v.detach().cpu().clone()
-                                       for k, v in model.state_dict().items()}}
-        save_torch({**state, **_model_file(model.state_dict(), epoch + 1, config, data),
-                    "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
-                   checkpoint_path)
-        if improved:
-            save_torch(_model_file(state["best"]["model"], epoch + 1, config, data),
-                       os.path.join(config.out, BEST))
-        log(f"epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f}  valid loss "
-            f"{valid_loss:.4f}  valid {shown} {valid[shown]:.4f}  "
-            f"({time.time() - started:.1f} s){'  *best*' if improved else ''}")
+    with _tensorboard(config, process, state["epoch"]) as board:
+        for epoch in range(state["epoch"], config.epochs):
+            started = time.time()
+            sampler.set_epoch(epoch)  # a new order every epoch, the same on every rank
+            train_loss = train_one_epoch(trained, train_loader, optimizer, config, process, epoch)
+            state["train_seconds"] += time.time() - started
+            state["epoch"] = epoch + 1
+            if not process.is_main:
+                continue
+            valid_loss, valid = evaluate(model, valid_loader, config.task, metrics_dataset,
+                                         process.device, config.amp)
+            record = {"epoch": epoch + 1, "train_loss": train_loss, "valid_loss": valid_loss,
+                      "valid": valid}
+            state["history"].append(record)
+            improved = state["best"] is None or valid_loss < state["best"]["valid_loss"]
+            if improved:  # model selection on the validation loss, as MMSA does
+                state["best"] = {"epoch": epoch + 1, "valid_loss": valid_loss,
+                                 "model": {k: v.detach().cpu().clone()
+                                           for k, v in model.state_dict().items()}}
+            save_torch({**state, **_model_file(model.state_dict(), epoch + 1, config, data),
+                        "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+                       checkpoint_path)
+            if improved:
+                _save_best(state["best"], config, data)
+            save_metrics_csv(state["history"], os.path.join(config.out, METRICS))
+            if board is not None:
+                _log_to_tensorboard(board, record)
+            log(f"epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f}  valid loss "
+                f"{valid_loss:.4f}  valid {shown} {valid[shown]:.4f}  "
+                f"({time.time() - started:.1f} s){'  *best*' if improved else ''}")
 
     if process.world_size > 1:
         dist.barrier()  # other ranks wait for rank 0's last evaluation before leaving
     if not process.is_main:
         return None
     return _finish(config, data, model, state, process, log)
+
+
+def _save_best(best: dict, config: TrainConfig, data: MMSAData) -> None:
+    save_torch(_model_file(best["model"], best["epoch"], config, data),
+               os.path.join(config.out, BEST))
+
+
+@contextlib.contextmanager
+def _tensorboard(config: TrainConfig, process: Process, epochs_done: int):
+    """A TensorBoard SummaryWriter on out/tensorboard with --tensorboard (rank 0), else
+    None. Resuming after epoch k drops the events a killed run wrote after step k, so that
+    every epoch appears once."""
+    if not (config.tensorboard and process.is_main):
+        yield None
+        return
+    from torch.utils.tensorboard import SummaryWriter
+    board = SummaryWriter(os.path.join(config.out, TENSORBOARD), purge_step=epochs_done + 1)
+    try:
+        yield board
+    finally:
+        board.close()
+
+
+def _log_to_tensorboard(board, record: dict) -> None:
+    """One epoch's losses and validation metrics, at step = the epoch."""
+    step = record["epoch"]
+    board.add_scalar("loss/train", record["train_loss"], step)
+    board.add_scalar("loss/valid", record["valid_loss"], step)
+    for name, value in record["valid"].items():
+        board.add_scalar(f"valid/{name}", value, step)
 
 
 def _model_file(model_state: dict, epoch: int, config: TrainConfig, data: MMSAData) -> dict:
@@ -593,7 +788,7 @@ def _finish(config, data, model, state, process, log) -> dict:
     table = format_metrics_table(columns)
     write_report(results, table, os.path.join(config.out, REPORT))
     log(f"\nselected epoch {results['best_epoch']} (lowest valid loss)\n{table}\n"
-        f"wrote {os.path.join(config.out, RESULTS)}, {CURVES}, {REPORT}")
+        f"wrote {os.path.join(config.out, RESULTS)}, {METRICS}, {CURVES}, {REPORT}")
     return results
 
 
@@ -605,7 +800,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, dataset: Optional[str] = Non
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size: expected an int >= 1, got {batch_size}")
     saved = load_checkpoint(checkpoint)
-    config = TrainConfig(**_with_fields_added_since(saved["config"]))
+    config = saved_config(saved, checkpoint)
     loaded = load_data(data, dataset or config.dataset, config.data_seed,
                        config.synthetic_train_size if data == "synthetic" else None)
     if loaded.feature_dims != list(saved["input_dims"]):
@@ -633,7 +828,7 @@ def export_checkpoint(checkpoint: str, out: str, device: Optional[str] = None,
     steps = [8 + 3 * m for m in range(len(input_dims))]
     if max_steps < max(steps):
         raise UsageError(f"max_steps: expected at least {max(steps)}, got {max_steps}")
-    config = TrainConfig(**_with_fields_added_since(saved["config"]))
+    config = saved_config(saved, checkpoint)
     dev = resolve_device(device)
     model = build_model(config, input_dims, saved["num_classes"]).to(dev).eval()
     model.load_state_dict(saved["model"])
