@@ -6,10 +6,10 @@ processes with per-process batch B / K see exactly the batches of one process wi
 Rank 0 alone evaluates, logs and writes files. See docs/training.md.
 """
 import contextlib
-import importlib.util
 import csv
 import dataclasses
 import fcntl
+import importlib.util
 import io
 import json
 import os
@@ -17,8 +17,9 @@ import pickle
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -33,6 +34,8 @@ from .metrics import classification_metrics, msa_metrics
 from .models import CoupledMamba
 from .models.layer import StackedLayerNorm
 from .ops import build_info
+from .plots import (chance_level, learning_curves_figure, run_title, save_figure,
+                    seed_curves_figure)
 
 # The paper's settings (§4.1). It does not train on MOSI; MOSI gets the batch size of the
 # dataset of its size (SIMS).
@@ -533,30 +536,6 @@ def format_metrics_table(columns: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def plot_learning_curves(history: List[dict], metric: str, path: str,
-                         selected_epoch: int) -> None:
-    """Train / valid loss and the valid ``metric`` per epoch, saved as a PNG; the selected
-    model's epoch marked in both panels."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
-    ax_loss.plot(epochs, [h["valid_loss"] for h in history], label="valid")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_metric.plot(epochs, [h["valid"][metric] for h in history], color="tab:green")
-    ax_metric.set(xlabel="epoch", ylabel=metric, title=f"valid {metric}")
-    for ax in (ax_loss, ax_metric):
-        ax.axvline(selected_epoch, color="gray", linestyle="--", linewidth=1,
-                   label=f"selected (epoch {selected_epoch})")
-        ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-
-
 def write_report(results: dict, table: str, path: str) -> None:
     config = results["config"]
     text = (f"# {config['fusion']} fusion on {config['dataset']} ({config['task']})\n\n"
@@ -588,20 +567,117 @@ def _check_resumable(saved: dict, config: TrainConfig) -> None:
                          ", ".join(f"{k}={saved[k]!r} (now {current[k]!r})" for k in changed))
 
 
-def train(config: TrainConfig) -> Optional[dict]:
+def train(config: TrainConfig, data: Optional[MMSAData] = None) -> Optional[dict]:
     """Train, select on the validation split, test; write the outputs into ``config.out``.
 
     Files: checkpoint.pt (resumable state, every epoch), best.pt (selected model),
-    results.json (test and valid metrics, configuration, history), learning_curves.png,
-    report.md. Returns the results dict on rank 0, None on other ranks.
+    metrics.csv (every epoch's losses and validation metrics), results.json (test and valid
+    metrics, configuration, history), learning_curves.png, report.md. ``data``: the dataset
+    of ``config.data`` when the caller has loaded it already (``train_seeds``); loaded here
+    when None. Resuming a run that had finished returns its results.json without training or
+    testing again. Returns the results dict on rank 0, None on other ranks.
     """
     with deterministic_algorithms(config.deterministic):
         process = setup_process(config.device)
         try:
-            return _train(config, process)
+            return _train(config, process, data)
         finally:
             if process.world_size > 1:
                 dist.destroy_process_group()
+
+
+SUMMARY_JSON = "summary.json"
+SUMMARY_CSV = "summary.csv"
+
+
+def seed_folder(out: str, seed: int) -> str:
+    """Where ``train_seeds`` writes the run of ``seed``: out/seed-S."""
+    return os.path.join(out, f"seed-{seed}")
+
+
+def train_seeds(config: TrainConfig, seeds: Sequence[int]) -> Optional[dict]:
+    """``train`` once per seed (``config.seed`` ignored), each run in out/seed-S with every
+    output of a single run, then summary.json and summary.csv (per split and metric: mean,
+    standard deviation and every seed's value, ``summarise_seeds``) and the learning curves
+    of all seeds (mean and spread) in ``config.out``. With ``config.resume`` a finished
+    seed is kept, an interrupted one continues. The data are loaded once. Returns the
+    summary on rank 0, None on other ranks."""
+    repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    if repeated:
+        raise UsageError(f"--seeds: expected each seed once, got {repeated[0]} "
+                         f"{list(seeds).count(repeated[0])} times")
+    negative = [s for s in seeds if s < 0]
+    if negative:
+        raise UsageError(f"--seeds: expected ints >= 0, got {negative[0]}")
+    first = dataclasses.replace(config, seed=seeds[0], out=seed_folder(config.out, seeds[0]))
+    first, data = _resolved_with_data(first)
+    runs = {}
+    for seed in seeds:
+        run = dataclasses.replace(first, seed=seed, out=seed_folder(config.out, seed))
+        runs[seed] = train(run, data)
+    if any(results is None for results in runs.values()):
+        return None  # not rank 0
+    with output_lock(config.out):
+        summary = summarise_seeds(runs)
+        save_json(summary, os.path.join(config.out, SUMMARY_JSON))
+        save_text(summary_csv(summary), os.path.join(config.out, SUMMARY_CSV))
+        metric = key_metric(first.task, data.info.metrics_dataset)
+        figure = seed_curves_figure({seed: r["history"] for seed, r in runs.items()}, metric,
+                                    run_title(first.fusion, first.dataset, seeds), first.fusion,
+                                    chance_level(metric, data.num_classes))
+        save_figure(figure, os.path.join(config.out, CURVES))
+    table = format_summary_table(summary["test"])
+    tqdm.write(f"\n{len(seeds)} seeds, test split, mean and standard deviation:\n{table}\n"
+               f"wrote {os.path.join(config.out, SUMMARY_JSON)}, {SUMMARY_CSV}, {CURVES}")
+    return summary
+
+
+def summarise_seeds(runs: Dict[int, dict]) -> dict:
+    """Per split ("test", "valid") and metric of the runs' results (seed -> results dict):
+    {"mean", "std" (the sample standard deviation, ddof 1; NaN for one seed), "values"
+    {seed: value}}; also the seeds, each seed's selected epoch and the configuration the
+    runs share (without seed and out)."""
+    seeds = list(runs)
+    config = {k: v for k, v in next(iter(runs.values()))["config"].items()
+              if k not in ("seed", "out", "resume")}
+    summary = {"seeds": seeds, "config": config,
+               "best_epoch": {str(s): runs[s]["best_epoch"] for s in seeds}}
+    for split in ("test", "valid"):
+        summary[split] = {}
+        for name in runs[seeds[0]][split]:
+            values = np.array([_nan_if_none(runs[s][split][name]) for s in seeds], np.float64)
+            summary[split][name] = {
+                "mean": float(values.mean()),
+                "std": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
+                "values": {str(s): float(v) for s, v in zip(seeds, values)}}
+    return summary
+
+
+def _nan_if_none(value) -> float:
+    """A metric read back from results.json: null (an undefined metric) is NaN."""
+    return float("nan") if value is None else value
+
+
+def summary_csv(summary: dict) -> str:
+    """summary.csv: one row per split and metric: split, metric, mean, std, then one column
+    seed_S per seed."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["split", "metric", "mean", "std", *(f"seed_{s}" for s in summary["seeds"])])
+    for split in ("test", "valid"):
+        for name, stats in summary[split].items():
+            writer.writerow([split, name, stats["mean"], stats["std"],
+                             *(stats["values"][str(s)] for s in summary["seeds"])])
+    return buffer.getvalue()
+
+
+def format_summary_table(metrics: Dict[str, dict]) -> str:
+    """A plain-text table: one row per metric, its mean and standard deviation."""
+    width = max(len(n) for n in metrics) + 2
+    lines = ["metric".ljust(width) + "mean".rjust(10) + "std".rjust(10)]
+    for name, stats in metrics.items():
+        lines.append(name.ljust(width) + f"{stats['mean']:10.4f}{stats['std']:10.4f}")
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -627,13 +703,23 @@ def deterministic_algorithms(enabled: bool = True, warn_only: bool = False):
         torch.backends.cudnn.benchmark = before[2]
 
 
-def _train(config: TrainConfig, process: Process) -> Optional[dict]:
+def _resolved_with_data(config: TrainConfig,
+                        data: Optional[MMSAData] = None) -> Tuple[TrainConfig, MMSAData]:
+    """The configuration checked and completed with its dataset's defaults, and the dataset
+    (loaded unless given)."""
     if config.data == "synthetic" and config.synthetic_train_size is None:
         config = dataclasses.replace(config, synthetic_train_size=SYNTHETIC_TRAIN_SIZE)
     check_config(config)
-    data = load_data(config.data, config.dataset, config.data_seed, config.synthetic_train_size)
+    if data is None:
+        data = load_data(config.data, config.dataset, config.data_seed,
+                         config.synthetic_train_size)
     config = resolve_defaults(config, data)
     check_config(config)
+    return config, data
+
+
+def _train(config: TrainConfig, process: Process, data: Optional[MMSAData]) -> Optional[dict]:
+    config, data = _resolved_with_data(config, data)
     if config.batch_size % process.world_size:
         raise UsageError(f"--batch-size {config.batch_size} (the global batch) must be divisible "
                          f"by the number of processes {process.world_size}")
@@ -679,6 +765,11 @@ def _train_locked(config: TrainConfig, data: MMSAData, process: Process) -> Opti
         if process.is_main and state["best"] is not None:
             _save_best(state["best"], config, data)
             save_metrics_csv(state["history"], os.path.join(config.out, METRICS))
+        if state["epoch"] >= config.epochs:
+            finished = _finished_results(config, state)
+            if finished is not None:
+                log(f"{config.out} holds a finished run of {config.epochs} epochs: kept")
+                return finished if process.is_main else None
         log(f"resuming {checkpoint_path} after epoch {state['epoch']}")
 
     trained = model
@@ -736,6 +827,20 @@ def _train_locked(config: TrainConfig, data: MMSAData, process: Process) -> Opti
     return _finish(config, data, model, state, process, log)
 
 
+def _finished_results(config: TrainConfig, state: dict) -> Optional[dict]:
+    """results.json of the run in config.out when it was written from this checkpoint's
+    final state (a run killed while writing it has none, or an older one); else None."""
+    path = os.path.join(config.out, RESULTS)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    best = state["best"]["epoch"] if state["best"] else None
+    if len(results.get("history", ())) != state["epoch"] or results.get("best_epoch") != best:
+        return None
+    return results
+
+
 def _save_best(best: dict, config: TrainConfig, data: MMSAData) -> None:
     save_torch(_model_file(best["model"], best["epoch"], config, data),
                os.path.join(config.out, BEST))
@@ -783,8 +888,11 @@ def _finish(config, data, model, state, process, log) -> dict:
                "test": columns["test"], "valid": columns["valid"],
                "train_seconds": state["train_seconds"], "history": state["history"]}
     save_json(results, os.path.join(config.out, RESULTS))
-    plot_learning_curves(state["history"], key_metric(config.task, data.info.metrics_dataset),
-                         os.path.join(config.out, CURVES), selected_epoch=results["best_epoch"])
+    metric = key_metric(config.task, data.info.metrics_dataset)
+    figure = learning_curves_figure(
+        state["history"], metric, run_title(config.fusion, config.dataset, [config.seed]),
+        config.fusion, results["best_epoch"], chance_level(metric, data.num_classes))
+    save_figure(figure, os.path.join(config.out, CURVES))
     table = format_metrics_table(columns)
     write_report(results, table, os.path.join(config.out, REPORT))
     log(f"\nselected epoch {results['best_epoch']} (lowest valid loss)\n{table}\n"

@@ -19,33 +19,14 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..catalog import DATASETS, SPLITS, DatasetInfo
 from ..metrics import sims_classes
 
 MODALITIES = ("text", "audio", "vision")
-SPLITS = ("train", "valid", "test")
 
 
 class MMSAFormatError(ValueError):
     """A file or dict that is not a valid MMSA dataset; the message says what is wrong."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """name; feature_dims: the (text, audio, vision) feature sizes, by which a pickle is
-    recognised; metrics_dataset: the ``msa_metrics`` family that scores it ("mosi" / "mosei":
-    labels in [-3, 3], "sims" / "simsv2": labels in [-1, 1])."""
-    name: str
-    feature_dims: tuple
-    metrics_dataset: str
-
-
-DATASETS = {
-    "mosi": DatasetInfo("mosi", (768, 5, 20), "mosi"),
-    "mosei": DatasetInfo("mosei", (768, 74, 35), "mosei"),
-    "sims": DatasetInfo("sims", (768, 33, 709), "sims"),
-    "simsv2": DatasetInfo("simsv2", (768, 25, 177), "simsv2"),
-    "synthetic": DatasetInfo("synthetic", (32, 12, 24), "mosi"),  # data/synthetic.py
-}
 
 
 @dataclass
