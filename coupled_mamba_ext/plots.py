@@ -57,20 +57,23 @@ def run_title(fusion: str, dataset: str, seeds: Sequence[int]) -> str:
     return f"{fusion} fusion on {dataset}, {len(seeds)} seeds ({shown})"
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def _whole_epochs(*axes) -> None:
+def whole_epochs(*axes) -> None:
+    """Ticks at whole epochs only on the x axes of ``axes``."""
     from matplotlib.ticker import MaxNLocator
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _mark_chance(ax, chance: Optional[float]) -> None:
+def mark_chance(ax, chance: Optional[float]) -> None:
+    """A dotted horizontal line at the chance level, labelled with it (nothing for None)."""
     if chance is not None:
         ax.axhline(chance, **CHANCE_STYLE, label=f"chance ({chance:.2g})")
 
@@ -80,7 +83,7 @@ def learning_curves_figure(history: List[dict], metric: str, title: str, fusion:
     """One run: train / valid loss per epoch (left) and the valid ``metric`` (right), in the
     fusion's colour; the selected epoch and the chance level marked. history: the
     ``history`` list of results.json. Returns the matplotlib Figure."""
-    plt = _pyplot()
+    plt = pyplot()
     colour = FUSION_COLOURS.get(fusion, "black")
     epochs = [h["epoch"] for h in history]
     with plt.rc_context(SLIDE_STYLE):
@@ -93,12 +96,12 @@ def learning_curves_figure(history: List[dict], metric: str, title: str, fusion:
                        label="valid")
         ax_metric.set(xlabel="epoch", ylabel=metric_name(metric),
                       title=f"validation {metric_name(metric)}")
-        _mark_chance(ax_metric, chance)
+        mark_chance(ax_metric, chance)
         for ax in (ax_loss, ax_metric):
             ax.axvline(selected_epoch, **SELECTED_STYLE,
                        label=f"selected (epoch {selected_epoch})")
             ax.legend()
-        _whole_epochs(ax_loss, ax_metric)
+        whole_epochs(ax_loss, ax_metric)
         fig.suptitle(title)
         fig.tight_layout()
     return fig
@@ -111,7 +114,7 @@ def seed_curves_figure(histories: Dict[int, List[dict]], metric: str, title: str
     ``metric`` (right), in the fusion's colour; chance marked. histories: seed -> history.
     Epochs that not every seed reached are left out. Returns the matplotlib Figure."""
     import numpy as np
-    plt = _pyplot()
+    plt = pyplot()
     colour = FUSION_COLOURS.get(fusion, "black")
     n_epochs = min(len(h) for h in histories.values())
     epochs = [h["epoch"] for h in next(iter(histories.values()))[:n_epochs]]
@@ -136,10 +139,10 @@ def seed_curves_figure(histories: Dict[int, List[dict]], metric: str, title: str
         band(ax_metric, lambda h: h["valid"][metric], "-", "valid")
         ax_metric.set(xlabel="epoch", ylabel=metric_name(metric),
                       title=f"validation {metric_name(metric)}")
-        _mark_chance(ax_metric, chance)
+        mark_chance(ax_metric, chance)
         for ax in (ax_loss, ax_metric):
             ax.legend()
-        _whole_epochs(ax_loss, ax_metric)
+        whole_epochs(ax_loss, ax_metric)
         fig.suptitle(title)
         fig.tight_layout()
     return fig
@@ -151,4 +154,4 @@ def save_figure(fig, path: str) -> None:
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
-        _pyplot().close(fig)
+        pyplot().close(fig)

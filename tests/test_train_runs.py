@@ -208,7 +208,7 @@ def test_learning_curves_name_the_run_and_mark_chance_and_selection():
         assert len(selected) == 1 and list(selected[0].get_xdata()) == [2, 2]
     assert min(t.get_fontsize() for ax in fig.axes
                for t in ax.get_xticklabels() + [ax.xaxis.label, ax.title]) >= 12
-    plots._pyplot().close(fig)
+    plots.pyplot().close(fig)
 
 
 def test_seed_curves_show_the_mean_and_the_spread():
@@ -226,7 +226,7 @@ def test_seed_curves_show_the_mean_and_the_spread():
     assert metric.get_title() == "validation Acc-2"
     assert [l.get_label() for l in metric.get_lines()] == ["valid, mean", "chance (0.5)"]
     assert valid.get_color() == plots.FUSION_COLOURS["coupled"]
-    plots._pyplot().close(fig)
+    plots.pyplot().close(fig)
 
 
 def test_metric_names_and_chance_levels():
