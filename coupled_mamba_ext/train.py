@@ -604,7 +604,7 @@ def train_seeds(config: TrainConfig, seeds: Sequence[int]) -> Optional[dict]:
     summary on rank 0, None on other ranks."""
     repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
     if repeated:
-        raise UsageError(f"--seeds: expected each seed once, got {repeated[0]} "
+        raise UsageError(f"--seeds: expected each seed once, got seed {repeated[0]} "
                          f"{list(seeds).count(repeated[0])} times")
     negative = [s for s in seeds if s < 0]
     if negative:
@@ -762,14 +762,15 @@ def _train_locked(config: TrainConfig, data: MMSAData, process: Process) -> Opti
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
         state = {k: saved[k] for k in state}
-        if process.is_main and state["best"] is not None:
-            _save_best(state["best"], config, data)
-            save_metrics_csv(state["history"], os.path.join(config.out, METRICS))
         if state["epoch"] >= config.epochs:
             finished = _finished_results(config, state)
             if finished is not None:
                 log(f"{config.out} holds a finished run of {config.epochs} epochs: kept")
                 return finished if process.is_main else None
+        if process.is_main and state["best"] is not None:
+            # A kill after checkpoint.pt and before these left them an epoch behind.
+            _save_best(state["best"], config, data)
+            save_metrics_csv(state["history"], os.path.join(config.out, METRICS))
         log(f"resuming {checkpoint_path} after epoch {state['epoch']}")
 
     trained = model

@@ -140,7 +140,7 @@ def test_seeds_without_values_are_mmsas_and_seeds_are_checked(monkeypatch, capsy
     assert trained == [[1111, 1112, 1113, 1114, 1115]]
     monkeypatch.undo()
     assert main(["train", "--data", "synthetic", "--out", "x", "--seeds", "4", "4"]) == 2
-    assert "--seeds: expected each seed once, got 4 2 times" in capsys.readouterr().err
+    assert "--seeds: expected each seed once, got seed 4 2 times" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--data", "synthetic", "--out", "x", "--seed", "1", "--seeds", "2"])
     assert "not allowed with argument" in capsys.readouterr().err
