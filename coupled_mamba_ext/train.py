@@ -64,6 +64,7 @@ LOCK = ".lock"                # held by the live run writing the folder; holds i
 TENSORBOARD = "tensorboard"   # --tensorboard's event files
 CURVES = "learning_curves.png"
 REPORT = "report.md"
+RUN_FILES = (CHECKPOINT, BEST, RESULTS, METRICS, CURVES, REPORT)  # written atomically
 
 
 @dataclass
@@ -618,6 +619,7 @@ def train_seeds(config: TrainConfig, seeds: Sequence[int]) -> Optional[dict]:
     if any(results is None for results in runs.values()):
         return None  # not rank 0
     with output_lock(config.out):
+        remove_temporary_files(config.out, (SUMMARY_JSON, SUMMARY_CSV, CURVES))
         summary = summarise_seeds(runs)
         save_json(summary, os.path.join(config.out, SUMMARY_JSON))
         save_text(summary_csv(summary), os.path.join(config.out, SUMMARY_CSV))
@@ -731,7 +733,7 @@ def _train(config: TrainConfig, process: Process, data: Optional[MMSAData]) -> O
             raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue that "
                                   f"run, or choose another --out")
         if process.is_main:
-            remove_temporary_files(config.out)  # of a run killed while saving
+            remove_temporary_files(config.out, RUN_FILES)  # of a run killed while saving
         return _train_locked(config, data, process)
 
 

@@ -78,8 +78,7 @@ def test_every_option_has_text_and_its_default():
             text = formatter._get_help_string(action)
             assert text, (name, action.dest)
             assert action.required or "default" in text, (name, action.dest, text)
-    from coupled_mamba_ext.cli import _parsers as again
-    train_help = again()["train"].format_help()
+    train_help = _parsers()["train"].format_help()
     assert "Adam's learning rate (default: 0.0005)" in " ".join(train_help.split())
     assert "MMSA's 1111 1112 1113 1114 1115" in " ".join(train_help.split())
 
@@ -89,7 +88,8 @@ def test_an_unknown_option_prints_the_commands_usage(capsys):
         main(["train", "--data", "synthetic", "--out", "x", "--bogus"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: coupled-mamba train ") and "unrecognized arguments: --bogus" in err
+    assert err.startswith("usage: coupled-mamba train ")
+    assert "unrecognized arguments: --bogus" in err
 
 
 # ----------------------------------------------------------------------------- several seeds

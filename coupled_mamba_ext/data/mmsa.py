@@ -126,16 +126,17 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
         os.close(folder)
 
 
-def remove_temporary_files(directory: Union[str, os.PathLike]) -> List[str]:
-    """Delete the temporary files that ``atomic_write`` left in ``directory`` when its
-    process was killed mid-write; returns their names. Only call it while no other process
-    writes there (``train`` holds the folder's lock)."""
+def remove_temporary_files(directory: Union[str, os.PathLike], names: Sequence[str]) -> List[str]:
+    """Delete the temporary files that ``atomic_write`` left in ``directory``, for the files
+    ``names``, when its process was killed mid-write; returns the names deleted. Only call it
+    while no other process writes them (``train`` holds the folder's lock)."""
+    prefixes = tuple(f".{name}." for name in names)
     removed = []
-    for name in sorted(os.listdir(directory)):
-        if name.startswith(".") and name.endswith(_TEMPORARY_SUFFIX) and \
-                os.path.isfile(os.path.join(directory, name)):
-            os.unlink(os.path.join(directory, name))
-            removed.append(name)
+    for entry in sorted(os.listdir(directory)):
+        if entry.startswith(prefixes) and entry.endswith(_TEMPORARY_SUFFIX) and \
+                os.path.isfile(os.path.join(directory, entry)):
+            os.unlink(os.path.join(directory, entry))
+            removed.append(entry)
     return removed
 
 
