@@ -74,30 +74,38 @@ def paired_differences(runs: Dict[str, Dict[int, dict]], first: str, second: str
 
 
 def plot(runs: Dict[str, Dict[int, dict]], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = dict(zip(runs, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
-    fig, (curves, tests) = plt.subplots(1, 2, figsize=(11, 4),
-                                        gridspec_kw={"width_ratios": [3, 2]})
-    for fusion, by_seed in runs.items():
-        for i, (seed, r) in enumerate(sorted(by_seed.items())):
-            epochs = [h["epoch"] for h in r["history"]]
-            accuracy = [h["valid"]["Has0_acc_2"] for h in r["history"]]
-            curves.plot(epochs, accuracy, color=colors[fusion], alpha=0.6, lw=1,
-                        label=fusion if i == 0 else None)
-        seeds = sorted(by_seed)
-        tests.plot(seeds, [by_seed[s]["test"]["Has0_acc_2"] for s in seeds], "o",
-                   color=colors[fusion], label=fusion)
-    tests.set_xticks(sorted({s for by_seed in runs.values() for s in by_seed}))
-    curves.set(xlabel="epoch", ylabel="validation Acc-2", title="validation, one line per seed")
-    tests.set(xlabel="seed", ylabel="test Acc-2 (selected model)", title="test, per seed")
-    for ax in (curves, tests):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    """Validation Acc-2 per epoch (one line per seed) and test Acc-2 per seed, each fusion
+    in its colour of coupled_mamba_ext.plots, chance marked, the dataset and seeds named."""
+    from coupled_mamba_ext import plots
+    plt = plots.pyplot()
+    key = "Has0_acc_2"
+    name = plots.metric_name(key)
+    some_run = next(iter(next(iter(runs.values())).values()))
+    seeds = sorted({s for by_seed in runs.values() for s in by_seed})
+    with plt.rc_context(plots.SLIDE_STYLE):
+        fig, (curves, tests) = plt.subplots(1, 2, figsize=(14, 5.5),
+                                            gridspec_kw={"width_ratios": [3, 2]})
+        for fusion, by_seed in runs.items():
+            colour = plots.FUSION_COLOURS.get(fusion, "black")
+            for i, (seed, r) in enumerate(sorted(by_seed.items())):
+                epochs = [h["epoch"] for h in r["history"]]
+                accuracy = [h["valid"][key] for h in r["history"]]
+                curves.plot(epochs, accuracy, color=colour, alpha=0.6, lw=1.5,
+                            label=fusion if i == 0 else None)
+            tests.plot(sorted(by_seed), [by_seed[s]["test"][key] for s in sorted(by_seed)], "o",
+                       markersize=9, color=colour, label=fusion)
+        tests.set_xticks(seeds)
+        curves.set(xlabel="epoch", ylabel=f"validation {name}",
+                   title="validation, one line per seed")
+        tests.set(xlabel="seed", ylabel=f"test {name} (selected model)", title="test, per seed")
+        for ax in (curves, tests):
+            plots.mark_chance(ax, plots.chance_level(key))
+            ax.legend()
+        plots.whole_epochs(curves)
+        fig.suptitle(f"{' vs '.join(runs)} fusion on {some_run['config']['dataset']}, "
+                     f"{len(seeds)} seeds")
+        fig.tight_layout()
+    plots.save_figure(fig, path)
     print(f"\nwrote {path}")
 
 

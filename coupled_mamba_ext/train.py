@@ -6,13 +6,20 @@ processes with per-process batch B / K see exactly the batches of one process wi
 Rank 0 alone evaluates, logs and writes files. See docs/training.md.
 """
 import contextlib
+import csv
 import dataclasses
+import fcntl
+import importlib.util
+import io
 import json
 import os
+import pickle
+import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -20,13 +27,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from .data import MMSAData, MMSADataset, collate_mmsa, load_mmsa, load_synthetic
-from .data.mmsa import atomic_write
+from .data.mmsa import atomic_write, remove_temporary_files
 from .data.synthetic import DEFAULT_SIZES as SYNTHETIC_DEFAULT_SIZES
 from .errors import UsageError
 from .metrics import classification_metrics, msa_metrics
 from .models import CoupledMamba
 from .models.layer import StackedLayerNorm
 from .ops import build_info
+from .plots import (chance_level, learning_curves_figure, run_title, save_figure,
+                    seed_curves_figure)
 
 # The paper's settings (§4.1). It does not train on MOSI; MOSI gets the batch size of the
 # dataset of its size (SIMS).
@@ -50,8 +59,12 @@ SYNTHETIC_TRAIN_SIZE = 8000
 CHECKPOINT = "checkpoint.pt"  # everything needed to resume; rewritten after every epoch
 BEST = "best.pt"              # the model selected on the validation split, for `eval`
 RESULTS = "results.json"
+METRICS = "metrics.csv"       # one row per epoch, rewritten after every epoch
+LOCK = ".lock"                # held by the live run writing the folder; holds its pid
+TENSORBOARD = "tensorboard"   # --tensorboard's event files
 CURVES = "learning_curves.png"
 REPORT = "report.md"
+RUN_FILES = (CHECKPOINT, BEST, RESULTS, METRICS, CURVES, REPORT)  # written atomically
 
 
 @dataclass
@@ -89,6 +102,7 @@ class TrainConfig:
     deterministic: bool = False
     resume: bool = False
     num_workers: int = 0
+    tensorboard: bool = False
 
 
 # Fields that must agree between a checkpoint and the command that resumes it.
@@ -130,8 +144,9 @@ def load_data(data: str, dataset: Optional[str] = None, data_seed: int = 0,
 
 # Integer options and the least value each takes (None, a default still to come, is not
 # checked).
-_AT_LEAST = {"epochs": 1, "batch_size": 1, "d_model": 1, "n_layers": 1, "d_state": 1,
-             "seq_len": 1, "dt_rank": 1, "synthetic_train_size": 1, "num_workers": 0}
+_AT_LEAST = {"seed": 0, "data_seed": 0, "epochs": 1, "batch_size": 1, "d_model": 1,
+             "n_layers": 1, "d_state": 1, "seq_len": 1, "dt_rank": 1, "synthetic_train_size": 1,
+             "num_workers": 0}
 
 
 def _option(field: str) -> str:
@@ -166,9 +181,22 @@ def check_config(config: TrainConfig) -> None:
     if config.weight_decay_on is not None and config.weight_decay_on not in WEIGHT_DECAY_ON:
         raise UsageError(f"--weight-decay-on: expected one of {WEIGHT_DECAY_ON}, got "
                          f"{config.weight_decay_on!r}")
+    if config.fusion in ATTENTION_FUSIONS and config.d_model is not None and \
+            config.d_model % ATTENTION_HEADS:
+        raise UsageError(f"--d-model {config.d_model}: --fusion {config.fusion} splits it over "
+                         f"{ATTENTION_HEADS} attention heads, expected a multiple of "
+                         f"{ATTENTION_HEADS}")
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard: the tensorboard package is not installed "
+                         "(pip install tensorboard)")
     if config.coupling != "learned" and config.fusion != "coupled":
         raise UsageError(f"--coupling {config.coupling}: only --fusion coupled has a coupling, "
                          f"this run has --fusion {config.fusion}")
+
+
+# The attention baselines' heads (the model's default); d_model must be a multiple.
+ATTENTION_HEADS = 4
+ATTENTION_FUSIONS = ("cross_attention", "transformer")
 
 
 def build_model(config: TrainConfig, input_dims: List[int], num_classes: int) -> CoupledMamba:
@@ -181,7 +209,8 @@ def build_model(config: TrainConfig, input_dims: List[int], num_classes: int) ->
         fusion=config.fusion, task=config.task,
         num_classes=num_classes if config.task == "classification" else None,
         dropout=config.dropout, seq_len=config.seq_len, coupling=config.coupling,
-        dt_rank="auto" if config.dt_rank is None else config.dt_rank, **layer_settings)
+        n_heads=ATTENTION_HEADS, dt_rank="auto" if config.dt_rank is None else config.dt_rank,
+        **layer_settings)
 
 
 WEIGHT_DECAY_ON = ("all", "weights")
@@ -207,6 +236,36 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_on: str)
             (no_decay if exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _memory_of(device: torch.device) -> int:
+    """Bytes of memory of ``device``: the GPU's, or the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(config: TrainConfig, data: MMSAData, process: "Process") -> None:
+    """Refuse, before anything is allocated, a (resolved) configuration whose model cannot
+    fit on the device. The model is built on the meta device to count its parameters; the
+    estimate is a lower bound (float32 weights, gradients and Adam's two moments, plus each
+    layer's input of one batch, which the backward keeps), so a refused run could not
+    have run."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in
+                         build_model(config, data.feature_dims, data.num_classes).parameters())
+    steps = config.seq_len or max(f.shape[1] for f in data.splits["train"].features)
+    batch = config.batch_size // process.world_size
+    activations = batch * steps * len(data.feature_dims) * config.d_model * config.n_layers
+    needed = 4 * (4 * parameters + activations)
+    available = _memory_of(process.device)
+    if needed > available:
+        raise UsageError(
+            f"model size: --d-model {config.d_model}, --n-layers {config.n_layers}, --d-state "
+            f"{config.d_state}, --batch-size {config.batch_size} need at least "
+            f"{needed / 2 ** 30:.1f} GiB ({parameters} parameters with their gradients and "
+            f"Adam state, and one batch's layer inputs), more than the "
+            f"{available / 2 ** 30:.1f} GiB of {process.device}")
 
 
 # ----------------------------------------------------------------------------- process setup
@@ -282,9 +341,91 @@ def save_json(obj, path: str) -> None:
     save_text(json.dumps(_json_safe(obj), indent=2) + "\n", path)
 
 
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint or best-model file written by ``train`` (tensors and plain Python only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+# What every file of ``train`` holds (best.pt, checkpoint.pt), and what resuming needs more.
+MODEL_FILE_KEYS = ("model", "epoch", "config", "input_dims", "num_classes")
+RESUME_KEYS = MODEL_FILE_KEYS + ("optimizer", "rng", "history", "best", "train_seconds")
+
+
+def load_checkpoint(path: str, keys: Tuple[str, ...] = MODEL_FILE_KEYS) -> dict:
+    """A checkpoint or best-model file written by ``train``, read with
+    ``torch.load(weights_only=True)`` (tensors and plain Python only). An empty, truncated
+    or corrupted file, one the loader refuses, or one without ``keys`` (a .pt from
+    elsewhere) raises UsageError naming the file; a missing one FileNotFoundError."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise UsageError(f"{path}: the file is empty, not a checkpoint")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((line.strip() for line in str(err).splitlines()
+                       if "Unsupported global" in line), str(err).splitlines()[0])
+        raise UsageError(f"{path}: torch.load(weights_only=True) refuses it ({reason}); the "
+                         f"files of coupled-mamba train hold only tensors and plain Python "
+                         f"values") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as err:  # torch.load fails in many ways on a damaged file
+        first = str(err).split(". ")[0].splitlines()[0] if str(err) else ""
+        raise UsageError(f"{path}: cannot read it as a checkpoint, the file is truncated or "
+                         f"corrupted ({type(err).__name__}: {first})") from None
+    missing = [k for k in keys if k not in saved] if isinstance(saved, dict) else list(keys)
+    if missing:
+        raise UsageError(f"{path}: not a file of coupled-mamba train (it lacks "
+                         f"{', '.join(repr(k) for k in missing)})")
+    return saved
+
+
+def saved_config(saved: dict, path: str) -> "TrainConfig":
+    """The TrainConfig of a loaded checkpoint (fields it predates filled in); UsageError
+    naming ``path`` when its configuration is not one of this package's."""
+    try:
+        return TrainConfig(**_with_fields_added_since(saved["config"]))
+    except TypeError as err:
+        raise UsageError(f"{path}: its 'config' is not a configuration of coupled-mamba "
+                         f"train ({err})") from None
+
+
+@contextlib.contextmanager
+def output_lock(out: str) -> Iterator[None]:
+    """Hold ``out``'s lock for the time of a run: a second run into the same folder while
+    this one lives raises UsageError naming the holder's pid. The lock is an advisory
+    ``flock`` on ``out/.lock`` (which holds the pid): the kernel drops it when its process
+    dies, so the lock of a killed run is taken over."""
+    path = os.path.join(out, LOCK)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UsageError(f"--out {out}: another run (pid {holder}) is writing there; wait "
+                             f"for it to end or choose another --out") from None
+        # The holder before us deletes the file as it lets go: a lock on a deleted file
+        # would lock nothing, so check that the path is still this file.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
+
+
+def save_metrics_csv(history: List[dict], path: str) -> None:
+    """The per-epoch history as CSV: epoch, train_loss, valid_loss, then valid_<metric> for
+    every validation metric; full float precision, NaN as ``nan``."""
+    names = list(history[0]["valid"]) if history else []
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["epoch", "train_loss", "valid_loss", *(f"valid_{n}" for n in names)])
+    for h in history:
+        writer.writerow([h["epoch"], h["train_loss"], h["valid_loss"],
+                         *(h["valid"][n] for n in names)])
+    save_text(buffer.getvalue(), path)
 
 
 # ----------------------------------------------------------------------------- loops
@@ -305,7 +446,7 @@ def train_one_epoch(model, loader, optimizer, config: TrainConfig, process: Proc
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-               disable=not process.is_main, dynamic_ncols=True)
+               disable=not (process.is_main and _interactive()), dynamic_ncols=True)
     for step, batch in enumerate(bar):
         batch = batch.to(process.device)
         with _autocast(process.device, config.amp):
@@ -319,6 +460,12 @@ def train_one_epoch(model, loader, optimizer, config: TrainConfig, process: Proc
         count += len(batch.regression)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return total / max(count, 1)
+
+
+def _interactive() -> bool:
+    """A progress bar only on a terminal: redirected to a file, its frames would bury the
+    one line per epoch."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def _stop_if_diverged(model, loss: torch.Tensor, process: Process, epoch: int,
@@ -390,30 +537,6 @@ def format_metrics_table(columns: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def plot_learning_curves(history: List[dict], metric: str, path: str,
-                         selected_epoch: int) -> None:
-    """Train / valid loss and the valid ``metric`` per epoch, saved as a PNG; the selected
-    model's epoch marked in both panels."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
-    ax_loss.plot(epochs, [h["valid_loss"] for h in history], label="valid")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_metric.plot(epochs, [h["valid"][metric] for h in history], color="tab:green")
-    ax_metric.set(xlabel="epoch", ylabel=metric, title=f"valid {metric}")
-    for ax in (ax_loss, ax_metric):
-        ax.axvline(selected_epoch, color="gray", linestyle="--", linewidth=1,
-                   label=f"selected (epoch {selected_epoch})")
-        ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-
-
 def write_report(results: dict, table: str, path: str) -> None:
     config = results["config"]
     text = (f"# {config['fusion']} fusion on {config['dataset']} ({config['task']})\n\n"
@@ -445,20 +568,118 @@ def _check_resumable(saved: dict, config: TrainConfig) -> None:
                          ", ".join(f"{k}={saved[k]!r} (now {current[k]!r})" for k in changed))
 
 
-def train(config: TrainConfig) -> Optional[dict]:
+def train(config: TrainConfig, data: Optional[MMSAData] = None) -> Optional[dict]:
     """Train, select on the validation split, test; write the outputs into ``config.out``.
 
     Files: checkpoint.pt (resumable state, every epoch), best.pt (selected model),
-    results.json (test and valid metrics, configuration, history), learning_curves.png,
-    report.md. Returns the results dict on rank 0, None on other ranks.
+    metrics.csv (every epoch's losses and validation metrics), results.json (test and valid
+    metrics, configuration, history), learning_curves.png, report.md. ``data``: the dataset
+    of ``config.data`` when the caller has loaded it already (``train_seeds``); loaded here
+    when None. Resuming a run that had finished returns its results.json without training or
+    testing again. Returns the results dict on rank 0, None on other ranks.
     """
     with deterministic_algorithms(config.deterministic):
         process = setup_process(config.device)
         try:
-            return _train(config, process)
+            return _train(config, process, data)
         finally:
             if process.world_size > 1:
                 dist.destroy_process_group()
+
+
+SUMMARY_JSON = "summary.json"
+SUMMARY_CSV = "summary.csv"
+
+
+def seed_folder(out: str, seed: int) -> str:
+    """Where ``train_seeds`` writes the run of ``seed``: out/seed-S."""
+    return os.path.join(out, f"seed-{seed}")
+
+
+def train_seeds(config: TrainConfig, seeds: Sequence[int]) -> Optional[dict]:
+    """``train`` once per seed (``config.seed`` ignored), each run in out/seed-S with every
+    output of a single run, then summary.json and summary.csv (per split and metric: mean,
+    standard deviation and every seed's value, ``summarise_seeds``) and the learning curves
+    of all seeds (mean and spread) in ``config.out``. With ``config.resume`` a finished
+    seed is kept, an interrupted one continues. The data are loaded once. Returns the
+    summary on rank 0, None on other ranks."""
+    repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    if repeated:
+        raise UsageError(f"--seeds: expected each seed once, got seed {repeated[0]} "
+                         f"{list(seeds).count(repeated[0])} times")
+    negative = [s for s in seeds if s < 0]
+    if negative:
+        raise UsageError(f"--seeds: expected ints >= 0, got {negative[0]}")
+    first = dataclasses.replace(config, seed=seeds[0], out=seed_folder(config.out, seeds[0]))
+    first, data = _resolved_with_data(first)
+    runs = {}
+    for seed in seeds:
+        run = dataclasses.replace(first, seed=seed, out=seed_folder(config.out, seed))
+        runs[seed] = train(run, data)
+    if any(results is None for results in runs.values()):
+        return None  # not rank 0
+    with output_lock(config.out):
+        remove_temporary_files(config.out, (SUMMARY_JSON, SUMMARY_CSV, CURVES))
+        summary = summarise_seeds(runs)
+        save_json(summary, os.path.join(config.out, SUMMARY_JSON))
+        save_text(summary_csv(summary), os.path.join(config.out, SUMMARY_CSV))
+        metric = key_metric(first.task, data.info.metrics_dataset)
+        figure = seed_curves_figure({seed: r["history"] for seed, r in runs.items()}, metric,
+                                    run_title(first.fusion, first.dataset, seeds), first.fusion,
+                                    chance_level(metric, data.num_classes))
+        save_figure(figure, os.path.join(config.out, CURVES))
+    table = format_summary_table(summary["test"])
+    tqdm.write(f"\n{len(seeds)} seeds, test split, mean and standard deviation:\n{table}\n"
+               f"wrote {os.path.join(config.out, SUMMARY_JSON)}, {SUMMARY_CSV}, {CURVES}")
+    return summary
+
+
+def summarise_seeds(runs: Dict[int, dict]) -> dict:
+    """Per split ("test", "valid") and metric of the runs' results (seed -> results dict):
+    {"mean", "std" (the sample standard deviation, ddof 1; NaN for one seed), "values"
+    {seed: value}}; also the seeds, each seed's selected epoch and the configuration the
+    runs share (without seed and out)."""
+    seeds = list(runs)
+    config = {k: v for k, v in next(iter(runs.values()))["config"].items()
+              if k not in ("seed", "out", "resume")}
+    summary = {"seeds": seeds, "config": config,
+               "best_epoch": {str(s): runs[s]["best_epoch"] for s in seeds}}
+    for split in ("test", "valid"):
+        summary[split] = {}
+        for name in runs[seeds[0]][split]:
+            values = np.array([_nan_if_none(runs[s][split][name]) for s in seeds], np.float64)
+            summary[split][name] = {
+                "mean": float(values.mean()),
+                "std": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
+                "values": {str(s): float(v) for s, v in zip(seeds, values)}}
+    return summary
+
+
+def _nan_if_none(value) -> float:
+    """A metric read back from results.json: null (an undefined metric) is NaN."""
+    return float("nan") if value is None else value
+
+
+def summary_csv(summary: dict) -> str:
+    """summary.csv: one row per split and metric: split, metric, mean, std, then one column
+    seed_S per seed."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["split", "metric", "mean", "std", *(f"seed_{s}" for s in summary["seeds"])])
+    for split in ("test", "valid"):
+        for name, stats in summary[split].items():
+            writer.writerow([split, name, stats["mean"], stats["std"],
+                             *(stats["values"][str(s)] for s in summary["seeds"])])
+    return buffer.getvalue()
+
+
+def format_summary_table(metrics: Dict[str, dict]) -> str:
+    """A plain-text table: one row per metric, its mean and standard deviation."""
+    width = max(len(n) for n in metrics) + 2
+    lines = ["metric".ljust(width) + "mean".rjust(10) + "std".rjust(10)]
+    for name, stats in metrics.items():
+        lines.append(name.ljust(width) + f"{stats['mean']:10.4f}{stats['std']:10.4f}")
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -484,21 +705,46 @@ def deterministic_algorithms(enabled: bool = True, warn_only: bool = False) -> I
         torch.backends.cudnn.benchmark = before[2]
 
 
-def _train(config: TrainConfig, process: Process) -> Optional[dict]:
+def _resolved_with_data(config: TrainConfig,
+                        data: Optional[MMSAData] = None) -> Tuple[TrainConfig, MMSAData]:
+    """The configuration checked and completed with its dataset's defaults, and the dataset
+    (loaded unless given)."""
     if config.data == "synthetic" and config.synthetic_train_size is None:
         config = dataclasses.replace(config, synthetic_train_size=SYNTHETIC_TRAIN_SIZE)
     check_config(config)
-    data = load_data(config.data, config.dataset, config.data_seed, config.synthetic_train_size)
+    if data is None:
+        data = load_data(config.data, config.dataset, config.data_seed,
+                         config.synthetic_train_size)
     config = resolve_defaults(config, data)
     check_config(config)
+    return config, data
+
+
+def _train(config: TrainConfig, process: Process, data: Optional[MMSAData]) -> Optional[dict]:
+    config, data = _resolved_with_data(config, data)
     if config.batch_size % process.world_size:
         raise UsageError(f"--batch-size {config.batch_size} (the global batch) must be divisible "
                          f"by the number of processes {process.world_size}")
+    check_memory(config, data, process)
     os.makedirs(config.out, exist_ok=True)
+    with output_lock(config.out) if process.is_main else contextlib.nullcontext():
+        checkpoint_path = os.path.join(config.out, CHECKPOINT)
+        if os.path.exists(checkpoint_path) and not config.resume:
+            raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue that "
+                                  f"run, or choose another --out")
+        if process.is_main:
+            remove_temporary_files(config.out, RUN_FILES)  # of a run killed while saving
+        return _train_locked(config, data, process)
+
+
+def _train_locked(config: TrainConfig, data: MMSAData, process: Process) -> Optional[dict]:
+    """The epochs and the outputs of ``train``, the output folder held (rank 0).
+
+    Each epoch saves, in order: checkpoint.pt (the record of the run: weights, optimizer,
+    random state, history and the best model so far), then best.pt when the epoch is the
+    best, then metrics.csv. Each file is replaced atomically; a run killed between two of
+    them resumes from checkpoint.pt and writes the others again from it."""
     checkpoint_path = os.path.join(config.out, CHECKPOINT)
-    if os.path.exists(checkpoint_path) and not config.resume:
-        raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue that run, "
-                              f"or choose another --out")
 
     def log(message: str) -> None:
         if process.is_main:
@@ -512,12 +758,21 @@ def _train(config: TrainConfig, process: Process) -> Optional[dict]:
         parameter_groups(model, config.weight_decay, config.weight_decay_on), lr=config.lr)
     state = {"epoch": 0, "history": [], "best": None, "train_seconds": 0.0}
     if config.resume and os.path.exists(checkpoint_path):
-        saved = load_checkpoint(checkpoint_path)
+        saved = load_checkpoint(checkpoint_path, RESUME_KEYS)
         _check_resumable(saved["config"], config)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
         state = {k: saved[k] for k in state}
+        if state["epoch"] >= config.epochs:
+            finished = _finished_results(config, state)
+            if finished is not None:
+                log(f"{config.out} holds a finished run of {config.epochs} epochs: kept")
+                return finished if process.is_main else None
+        if process.is_main and state["best"] is not None:
+            # A kill after checkpoint.pt and before these left them an epoch behind.
+            _save_best(state["best"], config, data)
+            save_metrics_csv(state["history"], os.path.join(config.out, METRICS))
         log(f"resuming {checkpoint_path} after epoch {state['epoch']}")
 
     trained = model
@@ -532,43 +787,91 @@ def _train(config: TrainConfig, process: Process) -> Optional[dict]:
     valid_loader = eval_loader(data, "valid", config.batch_size, config.num_workers)
     metrics_dataset = data.info.metrics_dataset
     shown = key_metric(config.task, metrics_dataset)
-    log(f"{config.fusion} fusion, {config.task}, {data.info.name}: "
+    log(f"{config.fusion} fusion, {config.task}, {data.info.name}, seed {config.seed}: "
         f"{sum(p.numel() for p in model.parameters())} parameters, "
         f"{len(data.splits['train'])} training samples, {process.world_size} process(es) on "
         f"{process.device}")
 
-    for epoch in range(state["epoch"], config.epochs):
-        started = time.time()
-        sampler.set_epoch(epoch)  # a new order every epoch, the same on every rank
-        train_loss = train_one_epoch(trained, train_loader, optimizer, config, process, epoch)
-        state["train_seconds"] += time.time() - started
-        state["epoch"] = epoch + 1
-        if not process.is_main:
-            continue
-        valid_loss, valid = evaluate(model, valid_loader, config.task, metrics_dataset,
-                                     process.device, config.amp)
-        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss,
-                                 "valid_loss": valid_loss, "valid": valid})
-        improved = state["best"] is None or valid_loss < state["best"]["valid_loss"]
-        if improved:  # model selection on the validation loss, as MMSA does
-            state["best"] = {"epoch": epoch + 1, "valid_loss": valid_loss,
-                             "model": {k: v.detach().cpu().clone()
-                                       for k, v in model.state_dict().items()}}
-        save_torch({**state, **_model_file(model.state_dict(), epoch + 1, config, data),
-                    "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
-                   checkpoint_path)
-        if improved:
-            save_torch(_model_file(state["best"]["model"], epoch + 1, config, data),
-                       os.path.join(config.out, BEST))
-        log(f"epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f}  valid loss "
-            f"{valid_loss:.4f}  valid {shown} {valid[shown]:.4f}  "
-            f"({time.time() - started:.1f} s){'  *best*' if improved else ''}")
+    with _tensorboard(config, process, state["epoch"]) as board:
+        for epoch in range(state["epoch"], config.epochs):
+            started = time.time()
+            sampler.set_epoch(epoch)  # a new order every epoch, the same on every rank
+            train_loss = train_one_epoch(trained, train_loader, optimizer, config, process, epoch)
+            state["train_seconds"] += time.time() - started
+            state["epoch"] = epoch + 1
+            if not process.is_main:
+                continue
+            valid_loss, valid = evaluate(model, valid_loader, config.task, metrics_dataset,
+                                         process.device, config.amp)
+            record = {"epoch": epoch + 1, "train_loss": train_loss, "valid_loss": valid_loss,
+                      "valid": valid}
+            state["history"].append(record)
+            improved = state["best"] is None or valid_loss < state["best"]["valid_loss"]
+            if improved:  # model selection on the validation loss, as MMSA does
+                state["best"] = {"epoch": epoch + 1, "valid_loss": valid_loss,
+                                 "model": {k: v.detach().cpu().clone()
+                                           for k, v in model.state_dict().items()}}
+            save_torch({**state, **_model_file(model.state_dict(), epoch + 1, config, data),
+                        "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+                       checkpoint_path)
+            if improved:
+                _save_best(state["best"], config, data)
+            save_metrics_csv(state["history"], os.path.join(config.out, METRICS))
+            if board is not None:
+                _log_to_tensorboard(board, record)
+            log(f"epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f}  valid loss "
+                f"{valid_loss:.4f}  valid {shown} {valid[shown]:.4f}  "
+                f"({time.time() - started:.1f} s){'  *best*' if improved else ''}")
 
     if process.world_size > 1:
         dist.barrier()  # other ranks wait for rank 0's last evaluation before leaving
     if not process.is_main:
         return None
     return _finish(config, data, model, state, process, log)
+
+
+def _finished_results(config: TrainConfig, state: dict) -> Optional[dict]:
+    """results.json of the run in config.out when it was written from this checkpoint's
+    final state (a run killed while writing it has none, or an older one); else None."""
+    path = os.path.join(config.out, RESULTS)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    best = state["best"]["epoch"] if state["best"] else None
+    if len(results.get("history", ())) != state["epoch"] or results.get("best_epoch") != best:
+        return None
+    return results
+
+
+def _save_best(best: dict, config: TrainConfig, data: MMSAData) -> None:
+    save_torch(_model_file(best["model"], best["epoch"], config, data),
+               os.path.join(config.out, BEST))
+
+
+@contextlib.contextmanager
+def _tensorboard(config: TrainConfig, process: Process, epochs_done: int):
+    """A TensorBoard SummaryWriter on out/tensorboard with --tensorboard (rank 0), else
+    None. Resuming after epoch k drops the events a killed run wrote after step k, so that
+    every epoch appears once."""
+    if not (config.tensorboard and process.is_main):
+        yield None
+        return
+    from torch.utils.tensorboard import SummaryWriter
+    board = SummaryWriter(os.path.join(config.out, TENSORBOARD), purge_step=epochs_done + 1)
+    try:
+        yield board
+    finally:
+        board.close()
+
+
+def _log_to_tensorboard(board, record: dict) -> None:
+    """One epoch's losses and validation metrics, at step = the epoch."""
+    step = record["epoch"]
+    board.add_scalar("loss/train", record["train_loss"], step)
+    board.add_scalar("loss/valid", record["valid_loss"], step)
+    for name, value in record["valid"].items():
+        board.add_scalar(f"valid/{name}", value, step)
 
 
 def _model_file(model_state: dict, epoch: int, config: TrainConfig, data: MMSAData) -> dict:
@@ -588,12 +891,15 @@ def _finish(config, data, model, state, process, log) -> dict:
                "test": columns["test"], "valid": columns["valid"],
                "train_seconds": state["train_seconds"], "history": state["history"]}
     save_json(results, os.path.join(config.out, RESULTS))
-    plot_learning_curves(state["history"], key_metric(config.task, data.info.metrics_dataset),
-                         os.path.join(config.out, CURVES), selected_epoch=results["best_epoch"])
+    metric = key_metric(config.task, data.info.metrics_dataset)
+    figure = learning_curves_figure(
+        state["history"], metric, run_title(config.fusion, config.dataset, [config.seed]),
+        config.fusion, results["best_epoch"], chance_level(metric, data.num_classes))
+    save_figure(figure, os.path.join(config.out, CURVES))
     table = format_metrics_table(columns)
     write_report(results, table, os.path.join(config.out, REPORT))
     log(f"\nselected epoch {results['best_epoch']} (lowest valid loss)\n{table}\n"
-        f"wrote {os.path.join(config.out, RESULTS)}, {CURVES}, {REPORT}")
+        f"wrote {os.path.join(config.out, RESULTS)}, {METRICS}, {CURVES}, {REPORT}")
     return results
 
 
@@ -605,7 +911,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, dataset: Optional[str] = Non
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size: expected an int >= 1, got {batch_size}")
     saved = load_checkpoint(checkpoint)
-    config = TrainConfig(**_with_fields_added_since(saved["config"]))
+    config = saved_config(saved, checkpoint)
     loaded = load_data(data, dataset or config.dataset, config.data_seed,
                        config.synthetic_train_size if data == "synthetic" else None)
     if loaded.feature_dims != list(saved["input_dims"]):
@@ -633,7 +939,7 @@ def export_checkpoint(checkpoint: str, out: str, device: Optional[str] = None,
     steps = [8 + 3 * m for m in range(len(input_dims))]
     if max_steps < max(steps):
         raise UsageError(f"max_steps: expected at least {max(steps)}, got {max_steps}")
-    config = TrainConfig(**_with_fields_added_since(saved["config"]))
+    config = saved_config(saved, checkpoint)
     dev = resolve_device(device)
     model = build_model(config, input_dims, saved["num_classes"]).to(dev).eval()
     model.load_state_dict(saved["model"])

@@ -32,23 +32,6 @@ def tiny_config(data, out, **overrides) -> training.TrainConfig:
     return training.TrainConfig(**{**config, **overrides})
 
 
-
-def test_learning_curves_mark_the_selected_epoch(tmp_path, monkeypatch):
-    """Both panels get a vertical line at the selected epoch (recorded as matplotlib draws
-    it), and the PNG is written."""
-    from matplotlib.axes import Axes
-    drawn = []
-    original = Axes.axvline
-    monkeypatch.setattr(Axes, "axvline",
-                        lambda ax, x=0, *a, **k: drawn.append((ax.get_title(), x)) or
-                        original(ax, x, *a, **k))
-    history = [{"epoch": e, "train_loss": 2.0 / e, "valid_loss": 2.1 / e,
-                "valid": {"Has0_acc_2": 0.5 + 0.1 * e}} for e in (1, 2, 3)]
-    path = tmp_path / "curves.png"
-    training.plot_learning_curves(history, "Has0_acc_2", str(path), selected_epoch=2)
-    assert sorted(drawn) == [("loss", 2), ("valid Has0_acc_2", 2)]
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
 def test_train_writes_every_output_and_prints_the_table(pickle_path, tmp_path, capsys):
     assert main(["train", "--data", pickle_path, "--out", str(tmp_path), "--epochs", "2",
                  "--device", "cpu", *TINY]) == 0

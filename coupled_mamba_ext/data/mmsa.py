@@ -19,34 +19,15 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, 
 import numpy as np
 import torch
 
+from ..catalog import DATASETS, SPLITS, DatasetInfo
 from ..metrics import sims_classes
 from .safe_pickle import ForbiddenGlobalError, load_restricted
 
 MODALITIES = ("text", "audio", "vision")
-SPLITS = ("train", "valid", "test")
 
 
 class MMSAFormatError(ValueError):
     """A file or dict that is not a valid MMSA dataset; the message says what is wrong."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """name; feature_dims: the (text, audio, vision) feature sizes, by which a pickle is
-    recognised; metrics_dataset: the ``msa_metrics`` family that scores it ("mosi" / "mosei":
-    labels in [-3, 3], "sims" / "simsv2": labels in [-1, 1])."""
-    name: str
-    feature_dims: tuple
-    metrics_dataset: str
-
-
-DATASETS = {
-    "mosi": DatasetInfo("mosi", (768, 5, 20), "mosi"),
-    "mosei": DatasetInfo("mosei", (768, 74, 35), "mosei"),
-    "sims": DatasetInfo("sims", (768, 33, 709), "sims"),
-    "simsv2": DatasetInfo("simsv2", (768, 25, 177), "simsv2"),
-    "synthetic": DatasetInfo("synthetic", (32, 12, 24), "mosi"),  # data/synthetic.py
-}
 
 
 @dataclass
@@ -116,19 +97,52 @@ def load_mmsa(path: Union[str, os.PathLike], dataset: Optional[str] = None) -> M
     return parse_mmsa(read_pickle(path), dataset, source=str(path), copy=False)
 
 
+# Temporary files of atomic_write: ".<name>.<random>.tmp" beside the file they replace.
+_TEMPORARY_SUFFIX = ".tmp"
+
+
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) on a temporary file beside ``path``, then rename it over ``path``:
-    a reader, or a run killed at any moment, sees the old file or the new one, never half."""
+    """Call write(tmp_path) on a temporary file beside ``path``, flush it to disk (fsync),
+    then rename it over ``path`` and fsync the folder: a reader, or a run killed at any
+    moment (power loss included), sees the old file or the new one, never half. The file
+    gets the permissions of the umask, as ``open`` would give it. A temporary file left by
+    a killed process is removed by ``remove_temporary_files``."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                               suffix=_TEMPORARY_SUFFIX)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600
+        os.close(fd)
         write(tmp)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
+    folder = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself reaches the disk
+    finally:
+        os.close(folder)
+
+
+def remove_temporary_files(directory: Union[str, os.PathLike], names: Sequence[str]) -> List[str]:
+    """Delete the temporary files that ``atomic_write`` left in ``directory``, for the files
+    ``names``, when its process was killed mid-write; returns the names deleted. Only call it
+    while no other process writes them (``train`` holds the folder's lock)."""
+    prefixes = tuple(f".{name}." for name in names)
+    removed = []
+    for entry in sorted(os.listdir(directory)):
+        if entry.startswith(prefixes) and entry.endswith(_TEMPORARY_SUFFIX) and \
+                os.path.isfile(os.path.join(directory, entry)):
+            os.unlink(os.path.join(directory, entry))
+            removed.append(entry)
+    return removed
 
 
 def write_pickle(raw: dict, path: Union[str, os.PathLike]) -> None:
@@ -210,6 +224,13 @@ def _true_lengths(split: dict, modality: str, n: int, padded: int,
         return aligned_text_lengths
     else:
         lengths = np.full(n, padded)
+    if lengths.dtype.kind not in "biuf":  # bool, signed, unsigned, float
+        raise MMSAFormatError(f"{where}: {modality} lengths must be numbers, got dtype "
+                              f"{lengths.dtype}")
+    if not np.all(np.isfinite(lengths)) or np.any(lengths != np.round(lengths)):
+        bad = lengths[~np.isfinite(lengths) | (lengths != np.round(lengths))][0]
+        raise MMSAFormatError(f"{where}: {modality} lengths must be whole numbers of steps, "
+                              f"got {bad}")
     if lengths.min(initial=0) < 0 or lengths.max(initial=0) > padded:
         raise MMSAFormatError(f"{where}: {modality} lengths must lie in [0, {padded}] (the padded "
                               f"length), got values in [{lengths.min()}, {lengths.max()}]")
@@ -232,6 +253,9 @@ def _float32_features(split: dict, modality: str, n: int, where: str, copy: bool
     key leaves ``split``, so that an array of another dtype is freed once converted."""
     feats = _array(split, modality, where)
     _check_shape(feats, (n, None, None), f"{where}[{modality!r}]")
+    if feats.shape[1] == 0 or feats.shape[2] == 0:
+        raise MMSAFormatError(f"{where}[{modality!r}] is empty: shape {feats.shape}, expected at "
+                              f"least one step and one feature")
     if not copy:
         del split[modality]
     if copy or feats.dtype != np.float32 or not feats.flags.writeable:
@@ -276,6 +300,18 @@ def _parse_split(split, name: str, source: str, copy: bool) -> MMSASplit:
     return MMSASplit(features, lengths, labels, classes)
 
 
+def _check_classes_present(classes: np.ndarray, source: str) -> None:
+    """Given classification labels set the class count K (their largest + 1), so each of
+    0..K-1 must have a sample: a stray value (1e9) would otherwise make the model's output
+    layer that wide rather than name a class."""
+    present = np.unique(classes)
+    if len(present) < present[-1] + 1:
+        missing = np.setdiff1d(np.arange(len(present) + 1), present)[0]
+        raise MMSAFormatError(f"{source}: classification_labels must be the class indices 0..K-1, "
+                              f"each with a sample; got {len(present)} distinct labels up to "
+                              f"{present[-1]} (class {missing} has none)")
+
+
 def infer_dataset(feature_dims: Sequence[int]) -> DatasetInfo:
     """The DatasetInfo whose (text, audio, vision) feature sizes are ``feature_dims``."""
     for info in DATASETS.values():
@@ -314,6 +350,10 @@ def parse_mmsa(raw, dataset: Optional[str] = None, source: str = "MMSA data",
             raise MMSAFormatError(f"{source}: split {name!r} has feature sizes {dims}, but "
                                   f"'train' has {train_dims}")
     info = DATASETS[dataset] if dataset else infer_dataset(train_dims)
+    given = [s.classification_labels for s in splits.values()
+             if s.classification_labels is not None]
+    if given:
+        _check_classes_present(np.concatenate(given), source)
     for split in splits.values():
         if split.classification_labels is None:
             split.classification_labels = _derived_classes(split.regression_labels,

@@ -6,7 +6,7 @@ run any code. ``load_restricted`` admits only the globals that a pickle of numpy
 builtin containers holds, and refuses any other before it is called.
 """
 import pickle
-from typing import BinaryIO, Callable, Dict, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Tuple
 
 import numpy as np
 
@@ -63,7 +63,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise ForbiddenGlobalError(f"{module}.{name}") from None
 
 
-def load_restricted(file: BinaryIO):
+def load_restricted(file: BinaryIO) -> Any:
     """Unpickle ``file`` (open for reading bytes), admitting only the globals of ``ADMITTED``:
     numpy arrays (any dtype, object arrays of admitted objects included), dtypes and scalars,
     and builtin containers and scalars. Any other global raises ForbiddenGlobalError before it

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..catalog import COUPLINGS
 from ..ops import build_info, coupled_selective_scan, coupled_selective_state_update
 
-COUPLINGS = ("learned", "mean", "sum")
 RMS_EPS = 1e-6  # of the optional B and C normalisation (Falcon-Mamba's mixer_rms_eps)
 
 

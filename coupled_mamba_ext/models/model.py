@@ -5,13 +5,12 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..catalog import FUSIONS, TASKS
 from .baselines import (AverageFusion, ConcatFusion, CrossAttentionFusion,
                         IndependentMambaFusion, TransformerFusion)
 from .layer import CoupledMambaStack, LayerCache, StackedLayerNorm, check_sizes
 from .resample import segment_mean_resample
 
-FUSIONS = ("coupled", "average", "concat", "mamba", "cross_attention", "transformer")
-TASKS = ("regression", "classification")
 POOLINGS = ("mean", "last", "max")
 MIN_MODALITIES, MAX_MODALITIES = 2, 8
 
