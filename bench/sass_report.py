@@ -28,7 +28,7 @@ H200 (1.045·10^12 per second):
 --sass-dir keeps the compiled listings there and reuses them on the next run (delete it
 after a kernel change). docs/kernels.md ("Static performance model") says what the model
 leaves out. Both views need nvcc (CUDA_HOME or PATH), cuobjdump (the CUDA toolkit's, PATH's,
-or the one Triton ships) and c++filt.
+the nvidia-cuda-cuobjdump wheel's or the one Triton ships) and c++filt.
 """
 import argparse
 import importlib.util
@@ -504,11 +504,16 @@ def print_model(title, case, phases, per_loop, warps):
 # --- tools and compilation ---------------------------------------------------------------
 
 def find_tool(name, cuda_home):
-    """The CUDA toolkit's, else PATH's, else (cuobjdump) the copy bundled with Triton."""
+    """The CUDA toolkit's, else PATH's, else (cuobjdump) the one of the nvidia-cuda-cuobjdump
+    wheel or the copy bundled with Triton."""
     candidates = [Path(cuda_home) / "bin" / name] if cuda_home else []
     on_path = shutil.which(name)
     if on_path:
         candidates.append(Path(on_path))
+    wheels = importlib.util.find_spec("nvidia")
+    if wheels is not None and wheels.submodule_search_locations:
+        for location in wheels.submodule_search_locations:
+            candidates.extend(sorted(Path(location).glob(f"*/bin/{name}")))
     triton = importlib.util.find_spec("triton")
     if triton is not None and triton.origin:
         candidates.append(Path(triton.origin).parent / "backends" / "nvidia" / "bin" / name)
