@@ -23,7 +23,7 @@ element (one m, b, e, t, n) and per lane, i.e. warp-instructions·32 / (M·batch
 and the time if the kernel issued one warp-instruction per cycle on every scheduler of an
 H200 (1.045·10^12 per second):
 
-    python bench/sass_report.py --model [--cases a,c] [--loops] [--sass-dir DIR]
+    python bench/sass_report.py --model [--cases a,c] [--loops] [--sass-dir DIR] [--json PATH]
 
 --sass-dir keeps the compiled listings there and reuses them on the next run (delete it
 after a kernel change). docs/kernels.md ("Static performance model") says what the model
@@ -32,7 +32,7 @@ the nvidia-cuda-cuobjdump wheel's or the one Triton ships) and c++filt.
 """
 import argparse
 import importlib.util
-import math
+import json
 import os
 import re
 import shutil
@@ -623,7 +623,7 @@ def report_model(args):
     cases = [CASES[c] for c in args.cases.split(",")]
     fwd = kernels_of(FWD_FILE, args.sass_dir)
     bwd = kernels_of(BWD_FILE, args.sass_dir)
-    summary = []
+    summary, report = [], []
     for case in cases:
         shape = f"M={case.M} batch={case.batch} dim={case.dim} L={case.L} N={case.N}"
         totals = []
@@ -634,6 +634,13 @@ def report_model(args):
             title = f"({case.name}) {shape}, {direction}: {plan.kernel}, {plan.warps} warps"
             totals.append(print_model(title, case, phases, per_loop if args.loops else None,
                                       plan.warps))
+            per = 32 / case.elements
+            report.append(dict(case=case.name, shape=shape, direction=direction,
+                               kernel=plan.kernel, warps=plan.warps,
+                               per_element={phase: {m: counts[m] * per for m in METRICS}
+                                            for phase, counts in phases.items()},
+                               issue_ms=sum(c["instructions"] for c in phases.values())
+                               / ISSUE_RATE * 1e3))
         summary.append((case, *totals))
     print("\nwarp-instructions per element (·32 / elements), issue-bound ms at "
           f"{ISSUE_RATE:.4g}/s")
@@ -642,6 +649,8 @@ def report_model(args):
         ms = case.elements / 32 / ISSUE_RATE * 1e3
         print(f"  ({case.name})  {fwd_total:>8.1f}{fwd_total * ms:>8.3f}{bwd_total:>10.1f}"
               f"{bwd_total * ms:>8.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
 
 
 def main():
@@ -657,6 +666,7 @@ def main():
     parser.add_argument("--cases", default="a,b,c", help="of the model: a, b, c, comma-separated")
     parser.add_argument("--sass-dir", help="of the model: keep and reuse the SASS listings here")
     parser.add_argument("--loops", action="store_true", help="of the model: each loop's counts too")
+    parser.add_argument("--json", help="of the model: write its numbers to this file")
     args = parser.parse_args()
     if args.model:
         unknown = [c for c in args.cases.split(",") if c not in CASES]
