@@ -318,6 +318,7 @@ class KernelPlan:
     body_phases: dict         # loop name -> phases of its own code, cut at its barriers
     modality_loops: tuple     # loops holding an unrolled loop over modalities
     warps: int
+    launch: tuple             # (blocks, threads, dynamic shared memory bytes)
     states: int               # per lane: the exponentials of one modality's step
     row_lanes: int = 0        # lanes of a row's run-time sum (row_sum), 0 if compiled in
     rare_stores: float = 1.0  # the share of steps on which the step loop saves a state
@@ -351,7 +352,8 @@ def forward_plan(case):
                ("epilogue, gated", "epilogue", tiles * strided_trips(rows_steps, g.threads)),
                ("epilogue, ungated", "epilogue", 0)],
         body_phases={"tile": ("staging: B, C", "staging: rows", "step loop", "epilogue")},
-        modality_loops=("steps",), warps=g.blocks * g.threads // 32, states=k_states,
+        modality_loops=("steps",), warps=g.blocks * g.threads // 32,
+        launch=(g.blocks, g.threads, T * per_step), states=k_states,
         row_lanes=g.Rw,
         rare_stores=-(-case.L // CHUNK) / case.L)
 
@@ -374,6 +376,9 @@ def backward_plan(case):
     threads, pairs = g.threads, case.M * g.rows
     bc_stride = 2 * case.M * g.Np + 4
     per_pair = strided_trips(pairs, threads)
+    st_stride, sum_stride = 4 * pairs + 4, 2 * pairs * g.Ws + 2
+    smem_floats = (seg * (2 * bc_stride + st_stride + sum_stride)
+                   + CHUNK // seg * k_states * threads + 2 * pairs)
     sums_by_16, sums_left = divmod(g.Ws, 16)
     sums_one_by_one = sums_left - 4 if sums_left >= 4 else sums_left  # after one pass of 4
     return KernelPlan(
@@ -405,7 +410,7 @@ def backward_plan(case):
         body_phases={"segment": ("staging", "staging", "recompute + walk", "epilogue: dΔ, du",
                                  "write dδ, du")},
         modality_loops=("checkpoints", "segment"), warps=g.blocks * threads // 32,
-        states=k_states)
+        launch=(g.blocks, threads, 4 * smem_floats), states=k_states)
 
 
 # --- counting --------------------------------------------------------------------------

@@ -11,7 +11,9 @@ That is what makes the emulator worth trusting for a kernel change made without 
 state-lanes changes made since without one (docs/kernels.md, "Changed since, not yet run
 on a GPU") have passed here only.
 """
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,6 +27,9 @@ from conftest import FWD_TOL, GRAD_TOL, assert_rel_close, make_scan_inputs, scan
 from coupled_mamba_ext.reference import coupled_scan_ref
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("sass_report", ROOT / "bench" / "sass_report.py")
+sass_report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sass_report)
 CHUNK = 64
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -419,6 +424,12 @@ def test_emulated_state_lanes_backward_low_precision_inputs(emulator, tmp_path, 
         assert_rel_close(got[key], expected, tol, key)
 
 
+def launched(log):
+    """(blocks, threads, shared memory bytes) of each launch in the emulator's log."""
+    return [tuple(int(x) for x in re.findall(r"\d+", line))
+            for line in log.splitlines() if line.startswith("launch:")]
+
+
 def launch_counts(log):
     """What each launch's threads did (the emulator's "counts:" line after each launch):
     [{exponentials, shuffles, barriers, atomics}], in launch order."""
@@ -464,6 +475,10 @@ def test_emulated_state_lanes_work_per_element_within_budget(emulator, tmp_path,
                        flags_of(inputs, dfinal, False), dy=dy, dfinal=dfinal)
     assert "backward: state_lanes" in got["log"]
     M, batch, dim, L, N = shape
+    # bench/sass_report.py's static model mirrors the launchers' plans: the same launches
+    case = sass_report.Case("test", M, batch, dim, L, N)
+    plans = (sass_report.forward_plan(case), sass_report.backward_plan(case))
+    assert launched(got["log"]) == [plan.launch for plan in plans]
     elements = M * batch * dim * L * N
     forward, backward = launch_counts(got["log"])
     for counts, budget in ((forward, forward_budget), (backward, backward_budget)):

@@ -129,8 +129,8 @@ def test_guards_and_shuffle_rounds_recognised():
 def test_model_counts_loop_bodies_times_passes():
     code = sass_report.parse_listing(LOOPS_SASS)["_Z4scanPf"]
     plan = sass_report.KernelPlan(kernel="scan", loops=[("outer", "walk", 2), ("inner", "stage", 5)],
-                                  body_phases={}, modality_loops=("outer",), warps=3, states=2,
-                                  row_lanes=2)
+                                  body_phases={}, modality_loops=("outer",), warps=3,
+                                  launch=(1, 96, 0), states=2, row_lanes=2)
     phases, per_loop = sass_report.model_kernel(code, plan, M=2)
     # outer, per pass: 17 instructions less the third modality (2) and the round of offset
     # 16 (1, >= 2 lanes); inner: 4 per pass; outside: MOV and EXIT (the idle branch and NOP
@@ -143,7 +143,7 @@ def test_model_counts_loop_bodies_times_passes():
     phases_one, _ = sass_report.model_kernel(code, plan, M=1)  # the second modality skipped too
     assert phases_one["walk"]["exponentials"] == 2 * 2 * 3
     wrong = sass_report.KernelPlan(kernel="scan", loops=[("outer", "walk", 2)], body_phases={},
-                                   modality_loops=(), warps=1, states=2)
+                                   modality_loops=(), warps=1, launch=(1, 32, 0), states=2)
     with pytest.raises(ValueError, match="expects 1 loops"):
         sass_report.model_kernel(code, wrong, M=2)
 
