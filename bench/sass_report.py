@@ -413,6 +413,28 @@ def backward_plan(case):
         launch=(g.blocks, threads, 4 * smem_floats), states=k_states)
 
 
+def memory_bytes(case, input_bytes=2):
+    """What the op allocates at `case` (gated, D and Δ bias; inputs of `input_bytes`), from
+    csrc/coupled_scan.cpp and register_cuda.cpp: {saved: what forward keeps for backward
+    beyond its inputs (the chunk states and ŷ), forward: all forward outputs, backward: all
+    gradients, deterministic: the backward's extra slots under
+    torch.use_deterministic_algorithms, full_states: batch·dim·N·L floats, the size none
+    may reach}."""
+    M, batch, dim, L, N = case.M, case.batch, case.dim, case.L, case.N
+    rows = M * batch * dim * L * input_bytes           # y, ŷ, du, dδ, dz: (M, batch, dim, L)
+    chunk_states = batch * dim * -(-L // CHUNK) * N * 4
+    states = batch * dim * N * 4                       # final state, its gradient
+    dBC = M * batch * N * L * 4                        # dB, dC each, float32
+    small = M * dim * N * 4 + 2 * M * dim * 4          # dA; dD, dΔ-bias
+    g = backward_plan(case)
+    blocks_per_batch = g.launch[0] // batch
+    return dict(saved=chunk_states + rows, forward=2 * rows + chunk_states + states,
+                backward=3 * rows + 2 * dBC + states + small,
+                deterministic=2 * dBC * blocks_per_batch + batch * small
+                + g.warps * M * 4,
+                full_states=batch * dim * N * L * 4)
+
+
 # --- counting --------------------------------------------------------------------------
 
 METRICS = ("instructions", "exponentials", "shuffles", "barriers", "spills", "atomics")
@@ -654,6 +676,14 @@ def report_model(args):
         ms = case.elements / 32 / ISSUE_RATE * 1e3
         print(f"  ({case.name})  {fwd_total:>8.1f}{fwd_total * ms:>8.3f}{bwd_total:>10.1f}"
               f"{bwd_total * ms:>8.3f}")
+    print("\nallocated by the op, MB (bf16 inputs): saved = chunk states + ŷ, kept by forward "
+          "for backward;\nforward / backward = all their outputs; deterministic = the "
+          "backward's extra slots; batch·dim·N·L floats for scale")
+    print(f"  {'case':<6}" + "".join(f"{k:>15}" for k in memory_bytes(cases[0])))
+    for case in cases:
+        memory = memory_bytes(case)
+        print(f"  ({case.name})  " + "".join(f"{v / 1e6:>15.1f}" for v in memory.values()))
+        report.append(dict(case=case.name, memory_bytes=memory))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
 

@@ -172,3 +172,16 @@ def test_launch_plans_follow_the_launchers():
     assert loops["checkpoints"] == 6 and loops["segment"] == 50 / 8
     bwd_c = sass_report.backward_plan(sass_report.CASES["c"])
     assert bwd_c.kernel.endswith("<__nv_bfloat16, 4, 4, 1>")
+
+
+def test_memory_of_case_c():
+    # (c) M=2 batch 8 dim 1536 L=4096 N=16, bf16: 64 chunk states of 16 floats per row,
+    # ŷ of 2 bytes per (m, b, e, t); the backward's 32 rows a block give 48 blocks a batch
+    # index, each with its own dB and dC slot when deterministic
+    memory = sass_report.memory_bytes(sass_report.CASES["c"])
+    rows, chunk_states = 2 * 8 * 1536 * 4096 * 2, 8 * 1536 * 64 * 16 * 4
+    assert memory["saved"] == rows + chunk_states
+    assert memory["full_states"] == 8 * 1536 * 16 * 4096 * 4
+    dBC = 2 * 8 * 16 * 4096 * 4
+    assert memory["deterministic"] == (2 * dBC * 48 + 8 * (2 * 1536 * 16 * 4 + 2 * 2 * 1536 * 4)
+                                       + 8 * 48 * 4 * 2 * 4)
