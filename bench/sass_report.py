@@ -65,7 +65,7 @@ class Instruction:
     name: str      # with its modifiers: "MUFU.EX2"
     operands: str  # "R53, R22"
 
-    def branch_target(self):
+    def branch_target(self) -> int | None:
         """Where a BRA goes, or None for any other instruction."""
         if self.opcode != "BRA":
             return None
@@ -73,7 +73,7 @@ class Instruction:
         return int(m[1], 16) if m else None
 
 
-def parse_listing(text):
+def parse_listing(text) -> dict:
     """cuobjdump -sass's listing: {mangled kernel: [Instruction, in address order]}."""
     kernels = {}
     current = None
@@ -88,7 +88,7 @@ def parse_listing(text):
     return kernels
 
 
-def parse_sass(text):
+def parse_sass(text) -> dict:
     """cuobjdump -sass's listing: {mangled kernel: [Counter per region]}, a region ending
     with each barrier (BAR) of the kernel."""
     kernels = defaultdict(list)
@@ -113,7 +113,7 @@ class Loop:
     children: list = field(default_factory=list)
 
 
-def find_loops(code):
+def find_loops(code) -> list:
     """The loops of one kernel, outermost first: a loop spans a back edge's target to the
     branch (the last, when several branches go back to one head: `continue`). Loops nest
     (a loop that overlaps another without nesting is an error). The idle `BRA self` after
@@ -144,7 +144,7 @@ def find_loops(code):
     return roots
 
 
-def flatten(loops):
+def flatten(loops) -> list:
     """The loops in address order (a loop before the loops inside it)."""
     out = []
     for loop in loops:
@@ -153,7 +153,7 @@ def flatten(loops):
     return out
 
 
-def innermost_loops(code, loops):
+def innermost_loops(code, loops) -> list:
     """For each instruction, the index (in flatten(loops)) of its innermost loop, or None."""
     owner = [None] * len(code)
     for k, loop in enumerate(flatten(loops)):  # inner loops come later and overwrite
@@ -162,7 +162,7 @@ def innermost_loops(code, loops):
     return owner
 
 
-def forward_branches(code):
+def forward_branches(code) -> list:
     """(index of branch, index of its target) of every predicated forward branch: the code
     in between runs only when the branch is not taken."""
     index = {ins.address: i for i, ins in enumerate(code)}
@@ -174,7 +174,7 @@ def forward_branches(code):
     return out
 
 
-def shuffle_round_offset(code, branch, target):
+def shuffle_round_offset(code, branch, target) -> int | None:
     """The lane offset of the one butterfly shuffle a short forward branch skips (a round of
     a sum over lanes whose count is known only at run time), or None."""
     skipped = code[branch + 1:target]
@@ -184,7 +184,7 @@ def shuffle_round_offset(code, branch, target):
     return int(shuffles[0].operands.split(",")[3], 16)
 
 
-def modality_guards(code, branches, owner, loops_with_modalities, states):
+def modality_guards(code, branches, owner, loops_with_modalities, states) -> dict:
     """{branch index: modalities before it} for the guards of an unrolled loop over
     modalities ("if (m >= M) break"): predicated forward branches inside one of
     `loops_with_modalities` (indices into flatten(loops)) that share one target, where the
@@ -211,7 +211,7 @@ def modality_guards(code, branches, owner, loops_with_modalities, states):
     return guards
 
 
-def instruction_weights(code, owner, skip_probability):
+def instruction_weights(code, owner, skip_probability) -> list:
     """How often each instruction runs per pass through its innermost loop's body: the
     product, over the forward branches around it, of the chance that the branch lets the
     code run (skip_probability(branch, target) -> probability the skipped code runs)."""
@@ -226,7 +226,7 @@ def instruction_weights(code, owner, skip_probability):
 
 # --- the kernels' launch plans, as the launchers compute them ----------------------------
 
-def source_constant(path, name):
+def source_constant(path, name) -> int:
     """An integer constant of the sources: `constexpr int NAME = V;` or `#define NAME V`."""
     text = (ROOT / path).read_text()
     m = (re.search(rf"constexpr int {name} = (\d+);", text)
@@ -269,10 +269,6 @@ CASES = {c.name: c for c in (Case("a", 3, 1024, 256, 50, 64), Case("b", 3, 16, 2
                              Case("c", 2, 8, 1536, 4096, 16))}
 
 
-def log2(x):
-    return x.bit_length() - 1
-
-
 @dataclass
 class Geometry:
     """LaneGeometry of state_lanes.cuh."""
@@ -295,7 +291,7 @@ class Geometry:
         return cls(R, Rw, Ws, rows, R * k_states, threads, case.batch * -(-case.dim // rows))
 
 
-def strided_trips(total, threads, batch=1):
+def strided_trips(total, threads, batch=1) -> float:
     """Passes of `for (first = threadIdx.x; first < total; first += batch·threads)` a warp
     makes, on average over the block's warps (a warp runs while any of its lanes does). With
     batch > 1 the body is unrolled over j = first + i·threads, i < batch, and a slot whose j
@@ -324,7 +320,7 @@ class KernelPlan:
     rare_stores: float = 1.0  # the share of steps on which the step loop saves a state
 
 
-def forward_plan(case):
+def forward_plan(case) -> KernelPlan:
     """coupled_scan_fwd_state_lanes.cu's launch at `case` (bf16, gated)."""
     lanes_with_8 = case.batch * case.dim * -(-case.N // 8)
     k_states = 8 if case.N > 128 or lanes_with_8 >= 1 << 20 else 4
@@ -358,7 +354,7 @@ def forward_plan(case):
         rare_stores=-(-case.L // CHUNK) / case.L)
 
 
-def backward_plan(case):
+def backward_plan(case) -> KernelPlan:
     """coupled_scan_bwd_state_lanes.cu's launch at `case` (bf16, gated, 4 states per lane)."""
     if case.N > 128:
         raise ValueError("the model covers the backward with 4 states per lane (N <= 128)")
@@ -413,7 +409,7 @@ def backward_plan(case):
         launch=(g.blocks, threads, 4 * smem_floats), states=k_states)
 
 
-def memory_bytes(case, input_bytes=2):
+def memory_bytes(case, input_bytes=2) -> dict:
     """What the op allocates at `case` (gated, D and Δ bias; inputs of `input_bytes`), from
     csrc/coupled_scan.cpp and register_cuda.cpp: {saved: what forward keeps for backward
     beyond its inputs (the chunk states and ŷ), forward: all forward outputs, backward: all
@@ -441,7 +437,7 @@ METRICS = ("instructions", "exponentials", "shuffles", "barriers", "spills", "at
 ATOMICS = ("RED", "REDG", "ATOM", "ATOMG", "ATOMS")
 
 
-def metric_counts(ins):
+def metric_counts(ins) -> list:
     """The metrics one instruction adds to (each counts 1)."""
     out = ["instructions"]
     if ins.name.startswith("MUFU.EX2"):
@@ -457,10 +453,11 @@ def metric_counts(ins):
     return out
 
 
-def model_kernel(code, plan, M):
+def model_kernel(code, plan, M) -> tuple:
     """({phase: Counter of METRICS}, [per loop: (name, static instructions, instructions per
     pass, passes per warp)]): the metrics in warp-instructions over the whole launch."""
-    loops = flatten(find_loops(code))
+    roots = find_loops(code)
+    loops = flatten(roots)
     if len(loops) != len(plan.loops):
         found = ", ".join(f"{code[l.first].address:#x}-{code[l.last].address:#x} "
                           f"({l.last - l.first + 1})" for l in loops)
@@ -468,7 +465,7 @@ def model_kernel(code, plan, M):
                          f"({', '.join(n for n, _, _ in plan.loops)}), the SASS has {len(loops)}: "
                          f"{found}; update forward_plan / backward_plan")
     names = [name for name, _, _ in plan.loops]
-    owner = innermost_loops(code, find_loops(code))
+    owner = innermost_loops(code, roots)
     branches = forward_branches(code)
     guards = modality_guards(code, branches, owner,
                              {names.index(n) for n in plan.modality_loops}, plan.states)
@@ -509,7 +506,7 @@ def model_kernel(code, plan, M):
     return phases, per_loop
 
 
-def print_model(title, case, phases, per_loop, warps):
+def print_model(title, case, phases, per_loop, warps) -> float:
     """One table: per phase, each metric per element, and the issue-bound time; with
     per_loop, each loop's own instructions (static, per pass as weighted by the branches),
     passes per warp and share per element. Returns the instructions per element."""
@@ -569,7 +566,7 @@ def compile_file(nvcc, source, arch, defines, obj):
     return parse_ptxas(run.stderr)
 
 
-def parse_ptxas(text):
+def parse_ptxas(text) -> dict:
     """ptxas -v's report: {mangled kernel: {registers, stack, spill_stores, spill_loads}}."""
     ptxas = {}
     current = None
@@ -619,7 +616,7 @@ def report_file(args):
         print(f"  {'all':>6} {total['instructions']:>12} " + " ".join(f"{total[c]:>5}" for c in COUNTED))
 
 
-def kernels_of(source, sass_dir):
+def kernels_of(source, sass_dir) -> dict:
     """{demangled name: [Instruction]} of one source file for sm_90, compiled here or read
     from sass_dir (where a compile also leaves its listing)."""
     listing = Path(sass_dir) / (Path(source).stem + ".sass") if sass_dir else None
