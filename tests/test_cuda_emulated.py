@@ -490,3 +490,19 @@ def test_emulated_state_lanes_work_per_element_within_budget(emulator, tmp_path,
     for key in ("y", "du", "dB"):
         tol = FWD_TOL[torch.float32] if key == "y" else GRAD_TOL[torch.float32]
         assert_rel_close(got[key], ref[key], tol, key)
+
+
+def test_emulated_state_lanes_long_sequence(emulator, tmp_path):
+    """A long sequence, L = 16384 (256 chunks; 2048 forward tiles of 8 steps and 2048
+    backward segments at this shape): the output, the final state and every gradient of
+    the state-lanes kernels against float64 autograd through the reference loop."""
+    shape = (2, 1, 4, 16384, 4)
+    inputs = make_scan_inputs(*shape, seed=5)
+    dy, dfinal = random_cotangents(shape, seed=4)
+    got = run_emulated(emulator, tmp_path, "bwd", "state_lanes", inputs, torch.float32,
+                       flags_of(inputs, dfinal, False), dy=dy, dfinal=dfinal)
+    assert "backward: state_lanes" in got["log"]
+    ref = scan_with_grads(coupled_scan_ref, to_reference(inputs), dy.double(), dfinal.double())
+    for key, expected in ref.items():
+        tol = FWD_TOL if key in ("y", "final_state") else GRAD_TOL
+        assert_rel_close(got[key], expected, tol[torch.float32], key)
