@@ -442,9 +442,9 @@ def launch_counts(log):
 
 
 # Per element (one m, b, e, t, n) and lane, what the state-lanes kernels do, counted by the
-# emulator (cuda_runtime.h: each call of each thread): bounds at the present kernels' counts, so that a
-# change adding a pass over the elements, a round of shuffles or a barrier per step fails
-# here (bench/sass_report.py --model gives the instructions beside them). Issue 21's
+# emulator (cuda_runtime.h: each call of each thread): bounds at the present kernels'
+# counts, so that a change adding a pass over the elements, a round of shuffles or a
+# barrier per step fails here (bench/sass_report.py --model gives the instructions beside them). Issue 21's
 # budget of one exponential per element in forward holds: exactly one, plus softplus(δ + β)
 # and silu(z) per (m, b, e, t), 2/N per element. Its budget of two in backward does not
 # hold yet: the backward computes each exponential in its checkpoint pass, its recompute and
