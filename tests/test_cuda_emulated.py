@@ -443,14 +443,14 @@ def launch_counts(log):
 
 # Per element (one m, b, e, t, n) and lane, what the state-lanes kernels do, counted by the
 # emulator (cuda_runtime.h: each call of each thread): bounds at the present kernels'
-# counts, so that a change adding a pass over the elements, a round of shuffles or a
-# barrier per step fails here (bench/sass_report.py --model gives the instructions beside them). Issue 21's
-# budget of one exponential per element in forward holds: exactly one, plus softplus(δ + β)
-# and silu(z) per (m, b, e, t), 2/N per element. Its budget of two in backward does not
-# hold yet: the backward computes each exponential in its checkpoint pass, its recompute and
-# its gradients, about 2.7 per element (the staging's softplus adds 2/N), bounded here at
-# that. N = 16: 4 lanes of a row (Rw = 1 in backward), N = 64: 16 (Rw = 2); L = 70 crosses a
-# chunk; the blocks are full (dim a multiple of the rows per block).
+# counts, so that a change adding a pass over the elements, a round of shuffles or a barrier
+# per step fails here (bench/sass_report.py --model gives the instructions beside them).
+# Issue 21's budget of one exponential per element in forward holds: exactly one, plus
+# softplus(δ + β) and silu(z) per (m, b, e, t), 2/N per element. Its budget of two in
+# backward does not hold yet: the backward computes each exponential in its checkpoint pass,
+# its recompute and its gradients, about 2.7 per element (the staging's softplus adds 2/N),
+# bounded here at that. N = 16: 4 lanes of a row (Rw = 1 in backward), N = 64: 16 (Rw = 2);
+# L = 70 crosses a chunk; the blocks are full (dim a multiple of the rows per block).
 BUDGET_CASES = [
     pytest.param((3, 1, 64, 70, 16),
                  dict(exponentials=1 + 2 / 16, shuffles=0.5, barriers=0.011, atomics=0),
