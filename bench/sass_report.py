@@ -84,7 +84,8 @@ def parse_listing(text) -> dict:
         m = SASS_INSTRUCTION.match(line)
         if current is None or m is None:
             continue
-        current.append(Instruction(int(m[1], 16), m[2] is not None, m[3], m[3] + m[4], m[5].strip()))
+        current.append(Instruction(int(m[1], 16), m[2] is not None, m[3], m[3] + m[4],
+                                   m[5].strip()))
     return kernels
 
 

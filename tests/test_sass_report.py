@@ -102,7 +102,8 @@ def test_loops_found_from_back_edges_and_nested():
 
 
 def test_overlapping_loops_refused():
-    sass = LOOPS_SASS.replace("@P1 BRA 0x20", "@P1 BRA 0x10").replace("@P0 BRA 0x10", "@P0 BRA 0x20")
+    sass = LOOPS_SASS.replace("@P1 BRA 0x20", "@P1 BRA 0x10")
+    sass = sass.replace("@P0 BRA 0x10", "@P0 BRA 0x20")
     code = sass_report.parse_listing(sass)["_Z4scanPf"]
     with pytest.raises(ValueError, match="overlap"):
         sass_report.find_loops(code)
@@ -128,7 +129,8 @@ def test_guards_and_shuffle_rounds_recognised():
 
 def test_model_counts_loop_bodies_times_passes():
     code = sass_report.parse_listing(LOOPS_SASS)["_Z4scanPf"]
-    plan = sass_report.KernelPlan(kernel="scan", loops=[("outer", "walk", 2), ("inner", "stage", 5)],
+    plan = sass_report.KernelPlan(kernel="scan",
+                                  loops=[("outer", "walk", 2), ("inner", "stage", 5)],
                                   body_phases={}, modality_loops=("outer",), warps=3,
                                   launch=(1, 96, 0), states=2, row_lanes=2)
     phases, per_loop = sass_report.model_kernel(code, plan, M=2)
@@ -161,7 +163,8 @@ def test_launch_plans_follow_the_launchers():
     # docs/kernels.md: on an H100 / H200 the forward's tile is 32 steps at (a) and (c);
     # (a) has 2^21 lanes with 8 states per lane, so it takes 8, (c) 4.
     fwd_a = sass_report.forward_plan(sass_report.CASES["a"])
-    assert fwd_a.kernel.endswith("<__nv_bfloat16, 4, 8>") and fwd_a.loops[0] == ("tile", "staging: B, C", 2)
+    assert fwd_a.kernel.endswith("<__nv_bfloat16, 4, 8>")
+    assert fwd_a.loops[0] == ("tile", "staging: B, C", 2)
     fwd_c = sass_report.forward_plan(sass_report.CASES["c"])
     assert fwd_c.kernel.endswith("<__nv_bfloat16, 4, 4>") and fwd_c.loops[0][2] == 4096 // 32
     # backward at (a): N = 64 over 16 lanes of 4 states, 8 state warps of 2 lanes a row:
