@@ -5,6 +5,10 @@
 // on machines without a GPU; it says nothing about speed, and it is only as faithful as the
 // semantics written here (float arithmetic on the host, ex2.approx as exp2f).
 //
+// Each launch also counts what its threads did (`Counts` below: exponentials, shuffles,
+// barriers, atomics, each per thread that called it) and prints the counts after the grid
+// has run, so that tests can hold the kernels to per-element budgets.
+//
 // Used by tests/test_cuda_emulated.py through emulate_scan.cpp; not part of the package.
 #pragma once
 #include <algorithm>
@@ -97,6 +101,16 @@ namespace cuda_emu {
 
 constexpr int kWarp = 32;
 
+// What one launch's threads did, each call by each thread counted once: exponentials (the
+// kernels' ex2.approx, exp2f here: exp2_approx in scan_cuda_common.cuh; the exact exp and
+// expm1 of scan_math.h, once per modality, row and step in the backward's gate and
+// softplus derivative, are not counted), warp shuffles, block barriers (__syncthreads) and
+// atomic adds. Each thread counts its own and adds them to the launch's when it ends.
+struct Counts {
+  int64_t exponentials = 0, shuffles = 0, barriers = 0, atomics = 0;
+};
+inline thread_local Counts thread_counts;
+
 struct Warp {
   explicit Warp(int lanes) : barrier(lanes) {}
   std::barrier<> barrier;
@@ -137,6 +151,7 @@ inline Warp& my_warp() { return *current_block->warps[threadIdx.x / kWarp]; }
 template <typename T>
 T exchange(T v, int src_lane) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffles move at most 8 bytes");
+  ++thread_counts.shuffles;
   Warp& w = my_warp();
   const int lane = threadIdx.x % kWarp;
   std::memcpy(&w.slots[lane], &v, sizeof(T));
@@ -148,7 +163,10 @@ T exchange(T v, int src_lane) {
 }
 }  // namespace cuda_emu
 
-inline void __syncthreads() { cuda_emu::current_block->barrier.arrive_and_wait(); }
+inline void __syncthreads() {
+  ++cuda_emu::thread_counts.barriers;
+  cuda_emu::current_block->barrier.arrive_and_wait();
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { cuda_emu::my_warp().barrier.arrive_and_wait(); }
 
 template <typename T>
@@ -194,6 +212,7 @@ inline AddedAddresses& added_addresses() {
 }  // namespace cuda_emu
 
 inline float atomicAdd(float* p, float v) {
+  ++cuda_emu::thread_counts.atomics;
   static const bool one_add = cuda_emu::env_is("CUDA_EMU_ONE_ADD", "1");
   if (one_add) {
     cuda_emu::AddedAddresses& added = cuda_emu::added_addresses();
@@ -232,6 +251,8 @@ struct Launch {
                   static_cast<long long>(grid), threads, smem_bytes);
       std::fflush(stdout);
       added_addresses().seen.clear();
+      Counts counts;
+      std::mutex counts_mutex;
       const bool reverse = env_is("CUDA_EMU_BLOCK_ORDER", "reverse");
       for (int64_t i = 0; i < grid; ++i) {
         const int64_t bx = reverse ? grid - 1 - i : i;
@@ -244,17 +265,40 @@ struct Launch {
             blockIdx = {static_cast<unsigned>(bx), 0, 0};
             blockDim = {static_cast<unsigned>(threads), 1, 1};
             gridDim = {static_cast<unsigned>(grid), 1, 1};
+            thread_counts = Counts{};
             kernel(args...);
+            {
+              const std::lock_guard<std::mutex> lock(counts_mutex);
+              counts.exponentials += thread_counts.exponentials;
+              counts.shuffles += thread_counts.shuffles;
+              counts.barriers += thread_counts.barriers;
+              counts.atomics += thread_counts.atomics;
+            }
             // A finished thread no longer counts at the barriers of those still running.
             block.warps[tx / kWarp]->barrier.arrive_and_drop();
             block.barrier.arrive_and_drop();
           });
         for (auto& t : pool) t.join();
       }
+      std::printf("counts: exponentials %lld shuffles %lld barriers %lld atomics %lld\n",
+                  static_cast<long long>(counts.exponentials),
+                  static_cast<long long>(counts.shuffles),
+                  static_cast<long long>(counts.barriers), static_cast<long long>(counts.atomics));
+      std::fflush(stdout);
     };
   }
 };
 }  // namespace cuda_emu
+
+// The kernels' ex2.approx off the device (exp2_approx, scan_cuda_common.cuh) is exp2f:
+// counted here. Defined after every standard header the kernels use has been included.
+namespace cuda_emu {
+inline float counted_exp2f(float x) {
+  ++thread_counts.exponentials;
+  return std::exp2(x);
+}
+}  // namespace cuda_emu
+#define exp2f(x) ::cuda_emu::counted_exp2f(x)
 
 #define CM_DYNAMIC_SMEM(type, name) type* name = ::cuda_emu::dynamic_smem<type>()
 #define CM_LAUNCH(grid, block, smem_bytes, stream, ...) \
