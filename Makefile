@@ -73,7 +73,7 @@ demo: $(DEMO_VENV)/.ready
 	rm -rf runs/demo
 	$(DEMO_VENV)/bin/coupled-mamba train --data synthetic --out runs/demo --device cpu
 	@echo
-	@echo "Outputs in runs/demo/: report.md (metrics, learning curves, configuration), results.json, best.pt."
+	@echo "Outputs in runs/demo/: report.md (metrics, learning curves, configuration), results.json, metrics.csv (per epoch), best.pt."
 	@echo "Run it again, or on your own MMSA pickle (options: $(DEMO_VENV)/bin/coupled-mamba train --help):"
 	@echo "  $(DEMO_VENV)/bin/coupled-mamba train --data /path/to/mosei.pkl --out runs/mosei --device cpu"
 
