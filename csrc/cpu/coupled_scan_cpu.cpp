@@ -74,62 +74,56 @@ inline int64_t parallel_grain(const ScanShape& s) {
 }
 
 // Σ of the kLanes partial sums of a blocked reduction. With clang or gcc >= 12 (which have
-// __builtin_shufflevector): as one vector, halved four times, a handful of shuffles and
-// additions; omp simd's own reduction, or a loop, becomes a chain of scalar additions
-// through memory. Otherwise: a tree the compiler may or may not turn into shuffles.
+// __builtin_shufflevector): in 8-wide vectors (one AVX2 register, half of an AVX-512 one),
+// the two halves added, then halved three times; omp simd's own reduction, or a loop,
+// becomes a chain of scalar additions through memory, and a 16-wide vector type is
+// assembled lane by lane from memory by gcc's AVX2 build. Otherwise: a tree the compiler may
+// or may not turn into shuffles.
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+typedef float lanes8 __attribute__((vector_size(32)));
+
+// parts[0 .. 8) + parts[8 .. 16) as one vector.
+CM_INLINE_INTO_CLONES lanes8 fold_lane_halves(const float* parts) {
+  static_assert(kLanes == 16, "two 8-wide halves");
+  lanes8 lo, hi;
+  __builtin_memcpy(&lo, parts, sizeof lo);
+  __builtin_memcpy(&hi, parts + 8, sizeof hi);
+  return lo + hi;
+}
+
 CM_INLINE_INTO_CLONES float sum_lanes(const float (&part)[kLanes]) {
-  static_assert(kLanes == 16, "the halvings below are for 16 lanes");
-  typedef float v16 __attribute__((vector_size(64)));
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  v16 x;
-  __builtin_memcpy(&x, part, sizeof x);
-  const v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  b += __builtin_shufflevector(b, b, 2, 3, 0, 1);
-  b += __builtin_shufflevector(b, b, 1, 0, 3, 2);
+  const lanes8 a = fold_lane_halves(part);
+  lanes8 b = a + __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3);
+  b += __builtin_shufflevector(b, b, 2, 3, 0, 1, 6, 7, 4, 5);
+  b += __builtin_shufflevector(b, b, 1, 0, 3, 2, 5, 4, 7, 6);
   return b[0];
 }
 
-// sums[i] = Σ_j parts[i·kLanes + j] for 16 consecutive i: the 16 vectors are folded into
-// each other pairwise (halves, quarters, pairs, single lanes), 45 shuffles and additions for
-// 16 sums instead of 9 dependent ones per sum. The scans store each (modality, step)'s
-// kLanes partial sums and reduce a whole chunk's at once with this: with few states
-// (N = 16: one vector per (modality, step)) the per-sum reduction was the largest item of
-// the forward's profile.
+// sums[i] = Σ_j parts[i·kLanes + j] for 16 consecutive i: each vector's halves added, then
+// the 16 vectors folded into each other pairwise (quarters, pairs, single lanes) and put in
+// order: about 80 instructions for 16 sums on AVX2 instead of about 10 dependent ones per
+// sum. The scans store each (modality, step)'s kLanes partial sums and reduce a whole
+// chunk's at once with this.
 CM_INLINE_INTO_CLONES void sum_16_lane_blocks(const float* __restrict parts,
                                               float* __restrict sums) {
-  static_assert(kLanes == 16, "the foldings below are for 16 lanes");
-  typedef float v16 __attribute__((vector_size(64)));
-  v16 x[16], y[8], z[4], w[2];
-  for (int i = 0; i < 16; ++i) __builtin_memcpy(&x[i], parts + i * kLanes, sizeof(v16));
-  // y[k] = [x[2k] folded to 8 lanes | x[2k+1] folded to 8]
+  lanes8 a[16], b[8], c[4];
+  for (int i = 0; i < 16; ++i) a[i] = fold_lane_halves(parts + i * kLanes);
+  // b[k] = [a[2k] folded to 4 lanes | a[2k+1] folded to 4]
   for (int k = 0; k < 8; ++k)
-    y[k] = __builtin_shufflevector(x[2 * k], x[2 * k + 1],
-                                   0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(x[2 * k], x[2 * k + 1],
-                                   8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  // z[k] = [x[4k] to 4 | x[4k+1] to 4 | x[4k+2] to 4 | x[4k+3] to 4]
+    b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(a[2 * k], a[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  // c[k] = [a[4k] to 2 | a[4k+2] to 2 | a[4k+1] to 2 | a[4k+3] to 2]
   for (int k = 0; k < 4; ++k)
-    z[k] = __builtin_shufflevector(y[2 * k], y[2 * k + 1],
-                                   0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           __builtin_shufflevector(y[2 * k], y[2 * k + 1],
-                                   4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  // w[k] = [x[8k], x[8k+4] | x[8k+1], x[8k+5] | x[8k+2], x[8k+6] | x[8k+3], x[8k+7]],
-  // each folded to 2 lanes
-  for (int k = 0; k < 2; ++k)
-    w[k] = __builtin_shufflevector(z[2 * k], z[2 * k + 1],
-                                   0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
-           __builtin_shufflevector(z[2 * k], z[2 * k + 1],
-                                   2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-  // The two lanes of each added, in the order x[0] .. x[15].
-  const v16 total = __builtin_shufflevector(w[0], w[1], 0, 4, 8, 12, 2, 6, 10, 14,
-                                            16, 20, 24, 28, 18, 22, 26, 30) +
-                    __builtin_shufflevector(w[0], w[1], 1, 5, 9, 13, 3, 7, 11, 15,
-                                            17, 21, 25, 29, 19, 23, 27, 31);
-  __builtin_memcpy(sums, &total, sizeof total);
+    c[k] = __builtin_shufflevector(b[2 * k], b[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(b[2 * k], b[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  // Single lanes: [a[8k], a[8k+2], a[8k+4], a[8k+6], a[8k+1], a[8k+3], a[8k+5], a[8k+7]],
+  // then put in order.
+  for (int k = 0; k < 2; ++k) {
+    const lanes8 d = __builtin_shufflevector(c[2 * k], c[2 * k + 1], 0, 2, 8, 10, 4, 6, 12, 14) +
+                     __builtin_shufflevector(c[2 * k], c[2 * k + 1], 1, 3, 9, 11, 5, 7, 13, 15);
+    const lanes8 ordered = __builtin_shufflevector(d, d, 0, 4, 1, 5, 2, 6, 3, 7);
+    __builtin_memcpy(sums + 8 * k, &ordered, sizeof ordered);
+  }
 }
 #define CM_HAVE_SUM_16_LANE_BLOCKS 1
 #endif
@@ -327,12 +321,40 @@ struct TaskScratch {
 // ---- Pass 2: the recurrences of one channel through one chunk of T steps.
 // step, drive, u, dyhat, yhat, d_step, d_u: [m][t] (row length K); A: [m][Np];
 // B, C, decays, dB, dC: [m][t][Np]; history: [t][Np].
+//
+// Each (modality, step) is one call of a *_modality_step helper (inlined) over the Np states
+// in blocks of kLanes. The first modality of a step writes the next coupled state (or λ)
+// instead of adding to it; it is compiled apart (kFirst) rather than selected per state. Sums
+// over states are kept in kLanes lanes, written out per (modality, step) and reduced after
+// the chunk, 16 at a time (sum_lane_blocks): a reduction per (modality, step) cost more than
+// the state loop's own work at N = 64.
+
+// Forward, one (m, t): h = a·G_prev + Δu·B per state, G_next (+)= w·h, and the lanes of
+// Σ_n C·h into part_out.
+template <bool kFirst, typename acc_t>
+CM_INLINE_INTO_CLONES void forward_modality_step(
+    int64_t Np, acc_t dt, acc_t dr, acc_t wm, const acc_t* __restrict A,
+    const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict G_prev,
+    acc_t* __restrict G_next, acc_t* __restrict part_out, const cpu::ExpClamp& clamp) {
+  // The lanes accumulate in part_out itself: gcc keeps them in registers through the loop
+  // over blocks (a local array was zeroed, spilled and copied out through the stack).
+#pragma omp simd
+  for (int64_t j = 0; j < kLanes; ++j) part_out[j] = 0;
+  for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const int64_t n = n0 + j;
+      const acc_t h = modality_state(exp_vec(dt * A[n], clamp), G_prev[n], dr, B[n]);
+      part_out[j] += C[n] * h;
+      G_next[n] = kFirst ? wm * h : G_next[n] + wm * h;
+    }
+  }
+}
 
 // Forward. G holds the coupled state at the chunk start on entry, at its end on return;
-// spare is Np values of scratch. yhat[m][t] = Σ_n C·h_m (without the D·u term), through
-// parts [m][t][kLanes], the partial sums of each (m, t), reduced after the chunk. The decays
-// exp(Δ·A) are computed in the loop, not read from a buffer: a chunk's decays do not fit in
-// L1 next to its B and C.
+// spare is Np values of scratch; parts is M·K·kLanes values of scratch. yhat[m][t] = Σ_n C·h_m
+// (without the D·u term). The decays exp(Δ·A) are computed in the loop, not read from a
+// buffer: a chunk's decays do not fit in L1 next to its B and C.
 template <typename acc_t>
 CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
                                          const acc_t* __restrict step,
@@ -345,30 +367,35 @@ CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
   acc_t* G_prev = G;
   acc_t* G_next = spare;
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t m = 0; m < M; ++m) {
-      const acc_t dt = step[m * K + t], dr = drive[m * K + t], wm = w[m];
-      const acc_t* __restrict Am = A + m * Np;
-      const acc_t* __restrict Bm = B + (m * K + t) * Np;
-      const acc_t* __restrict Cm = C + (m * K + t) * Np;
-      const bool first = m == 0;
-      acc_t part[kLanes] = {};
-      for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
-#pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const int64_t n = n0 + j;
-          const acc_t decay = exp_vec(dt * Am[n], clamp);
-          const acc_t h = modality_state(decay, G_prev[n], dr, Bm[n]);
-          part[j] += Cm[n] * h;
-          G_next[n] = (first ? acc_t(0) : G_next[n]) + wm * h;
-        }
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < kLanes; ++j) parts[(m * K + t) * kLanes + j] = part[j];
+    forward_modality_step<true>(Np, step[t], drive[t], w[0], A, B + t * Np, C + t * Np, G_prev,
+                                G_next, parts + t * kLanes, clamp);
+    for (int64_t m = 1; m < M; ++m) {
+      const int64_t mt = m * K + t;
+      forward_modality_step<false>(Np, step[mt], drive[mt], w[m], A + m * Np, B + mt * Np,
+                                   C + mt * Np, G_prev, G_next, parts + mt * kLanes, clamp);
     }
     std::swap(G_prev, G_next);
   }
   if (G_prev != G) std::copy(G_prev, G_prev + Np, G);
   for (int64_t m = 0; m < M; ++m) sum_lane_blocks(parts + m * K * kLanes, T, yhat + m * K);
+}
+
+// Backward's recomputation, one (m, t): the forward's state update, keeping the decays.
+template <bool kFirst, typename acc_t>
+CM_INLINE_INTO_CLONES void recompute_modality_step(
+    int64_t Np, acc_t dt, acc_t dr, acc_t wm, const acc_t* __restrict A,
+    const acc_t* __restrict B, const acc_t* __restrict G_prev, acc_t* __restrict G_next,
+    acc_t* __restrict decay_out, const cpu::ExpClamp& clamp) {
+  for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const int64_t n = n0 + j;
+      const acc_t decay = exp_vec(dt * A[n], clamp);
+      decay_out[n] = decay;
+      const acc_t h = modality_state(decay, G_prev[n], dr, B[n]);
+      G_next[n] = kFirst ? wm * h : G_next[n] + wm * h;
+    }
+  }
 }
 
 // Backward's recomputation of one chunk from its saved start: history[t] = G[t - 1] for t in
@@ -384,83 +411,103 @@ CM_VECTOR_CLONES void scan_chunk_recompute(int64_t M, int64_t Np, int64_t T,
                                            acc_t* __restrict decays) {
   const cpu::ExpClamp clamp = cpu::ExpClamp::opaque();
   for (int64_t t = 0; t < T; ++t) {
-    const acc_t* __restrict G_prev = history + t * Np;
-    acc_t* __restrict G_next = history + (t + 1) * Np;
-    for (int64_t m = 0; m < M; ++m) {
-      const acc_t dt = step[m * K + t], dr = drive[m * K + t], wm = w[m];
-      const acc_t* __restrict Am = A + m * Np;
-      const acc_t* __restrict Bm = B + (m * K + t) * Np;
-      acc_t* __restrict decay_m = decays + (m * K + t) * Np;
-      const bool first = m == 0;
-      for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
+    const acc_t* G_prev = history + t * Np;
+    acc_t* G_next = history + (t + 1) * Np;
+    recompute_modality_step<true>(Np, step[t], drive[t], w[0], A, B + t * Np, G_prev, G_next,
+                                  decays + t * Np, clamp);
+    for (int64_t m = 1; m < M; ++m) {
+      const int64_t mt = m * K + t;
+      recompute_modality_step<false>(Np, step[mt], drive[mt], w[m], A + m * Np, B + mt * Np,
+                                     G_prev, G_next, decays + mt * Np, clamp);
+    }
+  }
+}
+
+// Backward, one (m, t), given λ = dℓ/dG[t] (lam): mu = dℓ/dh = dŷ·C + w·λ per state
+// (modality_state_grad_factored: the factors that do not depend on n are applied after the
+// sums over states). Adds into dA, dB, dC and λ_prev = dℓ/dG[t - 1] (written by kFirst),
+// writes the lanes of Σ_n A·mu·a·G_prev and Σ_n mu·B to the two part_* outputs, and adds
+// the lanes of Σ_n λ·h into part_w.
+template <bool kFirst, typename acc_t>
+CM_INLINE_INTO_CLONES void backward_modality_step(
+    int64_t Np, acc_t dt, acc_t dr, acc_t dy, acc_t wm, const acc_t* __restrict A,
+    const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict decay,
+    const acc_t* __restrict G_prev, const acc_t* __restrict lam, acc_t* __restrict lam_prev,
+    acc_t* __restrict dA, acc_t* __restrict dB, acc_t* __restrict dC,
+    acc_t* __restrict part_A_mu_decayed_out, acc_t* __restrict part_mu_B_out,
+    acc_t* __restrict part_w) {
+  // As in forward_modality_step, the lanes accumulate in the outputs themselves.
 #pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const int64_t n = n0 + j;
-          const acc_t decay = exp_vec(dt * Am[n], clamp);
-          decay_m[n] = decay;
-          const acc_t h = modality_state(decay, G_prev[n], dr, Bm[n]);
-          G_next[n] = (first ? acc_t(0) : G_next[n]) + wm * h;
-        }
-      }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    part_A_mu_decayed_out[j] = 0;
+    part_mu_B_out[j] = 0;
+  }
+  for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const int64_t n = n0 + j;
+      const acc_t h = modality_state(decay[n], G_prev[n], dr, B[n]);
+      const acc_t mu = dy * C[n] + wm * lam[n];
+      const FactoredStateGrad<acc_t> g =
+          modality_state_grad_factored(mu, decay[n], G_prev[n], dr, B[n]);
+      part_A_mu_decayed_out[j] += A[n] * g.mu_decayed;
+      part_mu_B_out[j] += g.mu_B;
+      part_w[j] += lam[n] * h;
+      dA[n] += dt * g.mu_decayed;
+      dB[n] += g.d_B;
+      dC[n] += dy * h;
+      lam_prev[n] = kFirst ? g.d_coupled_prev : lam_prev[n] + g.d_coupled_prev;
     }
   }
 }
 
 // Backward. lambda holds dℓ/dG at the chunk's last step on entry and dℓ/dG just before the
-// chunk on return; spare is Np values of scratch. For each (m, t): mu = dℓ/dh = dyhat·C +
-// w·lambda per state; the per-state gradients go to dA [m][Np], dB and dC, the sums over
-// states of dℓ/dw to dw [m] and of dℓ/dΔ and dℓ/du to d_step, d_u.
+// chunk on return; spare is Np values of scratch, parts (2·M·K + M)·kLanes. The per-state
+// gradients go to dA [m][Np], dB and dC, the sums over states of dℓ/dw to dw [m] and of
+// dℓ/dΔ and dℓ/du to d_step, d_u.
 template <typename acc_t>
 CM_VECTOR_CLONES void scan_chunk_backward(
     int64_t M, int64_t Np, int64_t T, const acc_t* __restrict step, const acc_t* __restrict u,
     const acc_t* __restrict drive, const acc_t* __restrict w, const acc_t* __restrict dyhat,
     const acc_t* __restrict A, const acc_t* __restrict B, const acc_t* __restrict C,
     const acc_t* __restrict history, const acc_t* __restrict decays, acc_t* lambda, acc_t* spare,
-    acc_t* __restrict dA, acc_t* __restrict dB, acc_t* __restrict dC, acc_t* __restrict dw,
-    acc_t* __restrict d_step, acc_t* __restrict d_u) {
+    acc_t* __restrict parts, acc_t* __restrict dA, acc_t* __restrict dB, acc_t* __restrict dC,
+    acc_t* __restrict dw, acc_t* __restrict d_step, acc_t* __restrict d_u) {
+  acc_t* parts_A_mu_decayed = parts;            // [m][t][kLanes]
+  acc_t* parts_mu_B = parts + M * K * kLanes;   // [m][t][kLanes]
+  acc_t* parts_w = parts + 2 * M * K * kLanes;  // [m][kLanes], over the chunk's steps
+  std::fill(parts_w, parts_w + M * kLanes, acc_t(0));
   acc_t* lam = lambda;
   acc_t* lam_prev = spare;
   for (int64_t t = T - 1; t >= 0; --t) {
-    const acc_t* __restrict G_prev = history + t * Np;
-    for (int64_t m = 0; m < M; ++m) {
-      const acc_t dt = step[m * K + t], um = u[m * K + t], dr = drive[m * K + t];
-      const acc_t dy = dyhat[m * K + t], wm = w[m];
-      const acc_t* __restrict Am = A + m * Np;
-      const acc_t* __restrict Bm = B + (m * K + t) * Np;
-      const acc_t* __restrict Cm = C + (m * K + t) * Np;
-      const acc_t* __restrict decay_m = decays + (m * K + t) * Np;
-      acc_t* __restrict dAm = dA + m * Np;
-      acc_t* __restrict dBm = dB + (m * K + t) * Np;
-      acc_t* __restrict dCm = dC + (m * K + t) * Np;
-      const bool first = m == 0;
-      // modality_state_grad_factored: the sums over states first (the backward pass is
-      // bound by its operations per element).
-      acc_t part_A_mu_decayed[kLanes] = {}, part_mu_B[kLanes] = {}, part_w[kLanes] = {};
-      for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
-#pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const int64_t n = n0 + j;
-          const acc_t h = modality_state(decay_m[n], G_prev[n], dr, Bm[n]);
-          const acc_t mu = dy * Cm[n] + wm * lam[n];
-          const FactoredStateGrad<acc_t> g =
-              modality_state_grad_factored(mu, decay_m[n], G_prev[n], dr, Bm[n]);
-          part_A_mu_decayed[j] += Am[n] * g.mu_decayed;
-          part_mu_B[j] += g.mu_B;
-          part_w[j] += lam[n] * h;
-          dAm[n] += dt * g.mu_decayed;
-          dBm[n] += g.d_B;
-          dCm[n] += dy * h;
-          lam_prev[n] = (first ? acc_t(0) : lam_prev[n]) + g.d_coupled_prev;
-        }
-      }
-      const acc_t sum_mu_B = sum_lanes(part_mu_B);
-      d_step[m * K + t] = sum_lanes(part_A_mu_decayed) + um * sum_mu_B;
-      d_u[m * K + t] = dt * sum_mu_B;
-      dw[m] += sum_lanes(part_w);
+    const acc_t* G_prev = history + t * Np;
+    backward_modality_step<true>(Np, step[t], drive[t], dyhat[t], w[0], A, B + t * Np,
+                                 C + t * Np, decays + t * Np, G_prev, lam, lam_prev, dA,
+                                 dB + t * Np, dC + t * Np, parts_A_mu_decayed + t * kLanes,
+                                 parts_mu_B + t * kLanes, parts_w);
+    for (int64_t m = 1; m < M; ++m) {
+      const int64_t mt = m * K + t;
+      backward_modality_step<false>(Np, step[mt], drive[mt], dyhat[mt], w[m], A + m * Np,
+                                    B + mt * Np, C + mt * Np, decays + mt * Np, G_prev, lam,
+                                    lam_prev, dA + m * Np, dB + mt * Np, dC + mt * Np,
+                                    parts_A_mu_decayed + mt * kLanes, parts_mu_B + mt * kLanes,
+                                    parts_w + m * kLanes);
     }
     std::swap(lam, lam_prev);
   }
   if (lam != lambda) std::copy(lam, lam + Np, lambda);
+  // dℓ/dΔ = Σ_n A·mu·a·G_prev + u·Σ_n mu·B, dℓ/du = Δ·Σ_n mu·B.
+  for (int64_t m = 0; m < M; ++m) {
+    sum_lane_blocks(parts_A_mu_decayed + m * K * kLanes, T, d_step + m * K);
+    sum_lane_blocks(parts_mu_B + m * K * kLanes, T, d_u + m * K);
+    for (int64_t k = m * K; k < m * K + T; ++k) {
+      d_step[k] += u[k] * d_u[k];
+      d_u[k] *= step[k];
+    }
+    acc_t part[kLanes];
+    std::copy(parts_w + m * kLanes, parts_w + (m + 1) * kLanes, part);
+    dw[m] += sum_lanes(part);
+  }
 }
 
 }  // namespace
@@ -599,7 +646,8 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
     const cpu::FlushDenormals flush_denormals;
     TaskScratch<acc_t> in(p);
     // history[0]'s padded states stay 0 (only the first N are written from the saved states).
-    std::vector<acc_t> history((K + 1) * Np, acc_t(0)), decays(M * K * Np), spare(Np);
+    std::vector<acc_t> history((K + 1) * Np, acc_t(0)), decays(M * K * Np), spare(Np),
+        parts((2 * M * K + M) * kLanes);
     std::vector<acc_t> dyhat(M * K), d_step(M * K), d_u(M * K), z(K), y_ungated(K), dz(K);
     std::vector<acc_t> lambda(kRowsPerTask * Np), dA(kRowsPerTask * M * Np),
         dD(kRowsPerTask * M), dbias(kRowsPerTask * M), dB_tile(M * K * Np), dC_tile(M * K * Np);
@@ -654,8 +702,8 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
             scan_chunk_backward(M, Np, T, in.step.data(), in.u.data(), in.drive.data(),
                                 in.w.data(), dyhat.data(), in.A_row(r), in.B_tile.data(),
                                 in.C_tile.data(), history.data(), decays.data(), &lambda[r * Np],
-                                spare.data(), &dA[r * M * Np], dB_tile.data(), dC_tile.data(),
-                                sums.dw.data(), d_step.data(), d_u.data());
+                                spare.data(), parts.data(), &dA[r * M * Np], dB_tile.data(),
+                                dC_tile.data(), sums.dw.data(), d_step.data(), d_u.data());
             // Pass 3: du = Σ_n dℓ/du + dŷ·D, dδ = dℓ/dΔ · softplus'(δ + β); D and β gradients.
             for (int64_t m = 0; m < M; ++m) {
               const int64_t out = ((m * s.batch + b) * s.dim + e) * L + t0;
