@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -106,18 +107,22 @@ CM_INLINE_INTO_CLONES float sum_lanes(const float (&part)[kLanes]) {
 // chunk's at once with this.
 CM_INLINE_INTO_CLONES void sum_16_lane_blocks(const float* __restrict parts,
                                               float* __restrict sums) {
-  lanes8 a[16], b[8], c[4];
+  lanes8 a[16], b[8], c[4];  // in registers: every loop below is unrolled
+#pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) a[i] = fold_lane_halves(parts + i * kLanes);
   // b[k] = [a[2k] folded to 4 lanes | a[2k+1] folded to 4]
+#pragma GCC unroll 16
   for (int k = 0; k < 8; ++k)
     b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
            __builtin_shufflevector(a[2 * k], a[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15);
   // c[k] = [a[4k] to 2 | a[4k+2] to 2 | a[4k+1] to 2 | a[4k+3] to 2]
+#pragma GCC unroll 16
   for (int k = 0; k < 4; ++k)
     c[k] = __builtin_shufflevector(b[2 * k], b[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
            __builtin_shufflevector(b[2 * k], b[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
   // Single lanes: [a[8k], a[8k+2], a[8k+4], a[8k+6], a[8k+1], a[8k+3], a[8k+5], a[8k+7]],
   // then put in order.
+#pragma GCC unroll 16
   for (int k = 0; k < 2; ++k) {
     const lanes8 d = __builtin_shufflevector(c[2 * k], c[2 * k + 1], 0, 2, 8, 10, 4, 6, 12, 14) +
                      __builtin_shufflevector(c[2 * k], c[2 * k + 1], 1, 3, 9, 11, 5, 7, 13, 15);
@@ -125,7 +130,7 @@ CM_INLINE_INTO_CLONES void sum_16_lane_blocks(const float* __restrict parts,
     __builtin_memcpy(sums + 8 * k, &ordered, sizeof ordered);
   }
 }
-#define CM_HAVE_SUM_16_LANE_BLOCKS 1
+#define CM_HAVE_SHUFFLES 1
 #endif
 template <typename acc_t>
 CM_INLINE_INTO_CLONES acc_t sum_lanes(const acc_t (&part)[kLanes]) {
@@ -140,7 +145,7 @@ template <typename acc_t>
 CM_INLINE_INTO_CLONES void sum_lane_blocks(const acc_t* __restrict parts, int64_t count,
                                            acc_t* __restrict sums) {
   int64_t i = 0;
-#ifdef CM_HAVE_SUM_16_LANE_BLOCKS
+#ifdef CM_HAVE_SHUFFLES
   if constexpr (std::is_same_v<acc_t, float>)
     for (; i + 16 <= count; i += 16) sum_16_lane_blocks(parts + i * kLanes, sums + i);
 #endif
@@ -191,6 +196,59 @@ inline void prefetch_steps(const TensorArg& x, int64_t m, int64_t b, int64_t e, 
 template <typename input_t, typename acc_t>
 inline void store_steps(const acc_t* __restrict x, int64_t T, input_t* __restrict out) {
   for (int64_t k = 0; k < T; ++k) out[k] = static_cast<input_t>(x[k]);
+}
+
+// tile[k·Np + n] = src[n·n_stride + k] for n < N, k < T: one modality's B or C of a chunk
+// turned so that loops over states read it contiguously (and the backward's dB, dC turned
+// back). For float with N, T >= 8, in 8×8 blocks, each transposed by 24 shuffles (one load
+// and one store per 8 elements instead of one each per element); at the edges the last
+// block overlaps the one before it (a copy: the overlap is written twice, the same).
+// Otherwise one element at a time.
+template <typename acc_t>
+CM_VECTOR_CLONES void transpose_to_states(const acc_t* __restrict src, int64_t n_stride,
+                                          int64_t N, int64_t T, acc_t* __restrict tile,
+                                          int64_t Np) {
+#ifdef CM_HAVE_SHUFFLES
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (N >= 8 && T >= 8) {
+      for (int64_t n_block = 0; n_block < N; n_block += 8)
+        for (int64_t k_block = 0; k_block < T; k_block += 8) {
+          const int64_t n0 = std::min(n_block, N - 8), k0 = std::min(k_block, T - 8);
+          // Unrolled, so that the blocks live in registers.
+          lanes8 r[8], t[8], s[8];
+#pragma GCC unroll 8
+          for (int i = 0; i < 8; ++i)
+            __builtin_memcpy(&r[i], src + (n0 + i) * n_stride + k0, sizeof r[i]);
+#pragma GCC unroll 8
+          for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
+            t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+            t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+          }
+#pragma GCC unroll 8
+          for (int i = 0; i < 8; i += 4)  // quadruples of rows: columns k, k + 4 in one vector
+#pragma GCC unroll 2
+            for (int j = 0; j < 2; ++j) {
+              s[i + 2 * j] =
+                  __builtin_shufflevector(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+              s[i + 2 * j + 1] =
+                  __builtin_shufflevector(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+            }
+          // s[0..3] hold columns (0,4), (1,5), (2,6), (3,7) of rows 0-3; s[4..7] of rows 4-7.
+#pragma GCC unroll 8
+          for (int k = 0; k < 4; ++k) {
+            const lanes8 low = __builtin_shufflevector(s[k], s[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+            const lanes8 high =
+                __builtin_shufflevector(s[k], s[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+            __builtin_memcpy(tile + (k0 + k) * Np + n0, &low, sizeof low);
+            __builtin_memcpy(tile + (k0 + k + 4) * Np + n0, &high, sizeof high);
+          }
+        }
+      return;
+    }
+  }
+#endif
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < T; ++k) tile[k * Np + n] = src[n * n_stride + k];
 }
 
 // ---- Passes 1 and 3: loops over the steps of one chunk.
@@ -282,6 +340,17 @@ struct TaskScratch {
   template <typename input_t, typename P>
   void load_tiles(const P& p, int64_t t0, int64_t T) {
     const int64_t M = s.n_modalities, N = s.dstate;
+    if constexpr (std::is_same_v<input_t, acc_t>) {
+      if (p.B.stride[3] == 1 && p.C.stride[3] == 1) {
+        for (int64_t m = 0; m < M; ++m) {
+          transpose_to_states(ptr4<acc_t>(p.B, m, b, 0, t0), p.B.stride[2], N, T,
+                              &B_tile[m * K * Np], Np);
+          transpose_to_states(ptr4<acc_t>(p.C, m, b, 0, t0), p.C.stride[2], N, T,
+                              &C_tile[m * K * Np], Np);
+        }
+        return;
+      }
+    }
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) {
         const input_t* Bp = ptr4<input_t>(p.B, m, b, n, t0);
@@ -587,10 +656,15 @@ inline void add_planes(int64_t M, int64_t N, int64_t T, const acc_t* src,
                        const std::array<int64_t, 3>& src_stride, acc_t* dst,
                        const std::array<int64_t, 3>& dst_stride) {
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t t = 0; t < T; ++t)
-        dst[m * dst_stride[0] + n * dst_stride[1] + t * dst_stride[2]] +=
-            src[m * src_stride[0] + n * src_stride[1] + t * src_stride[2]];
+    for (int64_t n = 0; n < N; ++n) {
+      const acc_t* __restrict s = src + m * src_stride[0] + n * src_stride[1];
+      acc_t* __restrict d = dst + m * dst_stride[0] + n * dst_stride[1];
+      if (src_stride[2] == 1 && dst_stride[2] == 1) {  // the usual case, vectorised
+        for (int64_t t = 0; t < T; ++t) d[t] += s[t];
+      } else {
+        for (int64_t t = 0; t < T; ++t) d[t * dst_stride[2]] += s[t * src_stride[2]];
+      }
+    }
 }
 
 // Parts the backward's tasks are cut into, at most: enough for the threads of most machines
@@ -650,7 +724,8 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
         parts((2 * M * K + M) * kLanes);
     std::vector<acc_t> dyhat(M * K), d_step(M * K), d_u(M * K), z(K), y_ungated(K), dz(K);
     std::vector<acc_t> lambda(kRowsPerTask * Np), dA(kRowsPerTask * M * Np),
-        dD(kRowsPerTask * M), dbias(kRowsPerTask * M), dB_tile(M * K * Np), dC_tile(M * K * Np);
+        dD(kRowsPerTask * M), dbias(kRowsPerTask * M), dB_tile(M * K * Np), dC_tile(M * K * Np),
+        turned(M * N * K);
     for (int64_t part; (part = next_part.fetch_add(1, std::memory_order_relaxed)) < n_parts;) {
       PartSums<acc_t>& sums = part_sums[part];
       sums.dA.assign(M * s.dim * N, acc_t(0));
@@ -731,14 +806,18 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
           }
           // This chunk's dB, dC, summed over the task's channels: into the outputs, or into
           // the part's own sums for a batch index the previous part has tasks of too.
-          const std::array<int64_t, 3> tile_stride = {K * Np, 1, Np};
-          if (b == sums.first_b) {
-            add_planes(M, N, T, dB_tile.data(), tile_stride, &sums.dB_first[t0], first_stride);
-            add_planes(M, N, T, dC_tile.data(), tile_stride, &sums.dC_first[t0], first_stride);
-          } else {
-            const int64_t at = b * p.dBC_stride[1] + t0 * p.dBC_stride[3];
-            add_planes(M, N, T, dB_tile.data(), tile_stride, dB_out + at, out_stride);
-            add_planes(M, N, T, dC_tile.data(), tile_stride, dC_out + at, out_stride);
+          // Turned back to [m][n][t] first, so that the additions run along t.
+          const std::array<int64_t, 3> turned_stride = {N * K, K, 1};
+          for (auto [tile, out] : {std::pair{&dB_tile, dB_out}, std::pair{&dC_tile, dC_out}}) {
+            for (int64_t m = 0; m < M; ++m)
+              transpose_to_states(&(*tile)[m * K * Np], Np, T, N, &turned[m * N * K], K);
+            if (b == sums.first_b) {
+              std::vector<acc_t>& first = tile == &dB_tile ? sums.dB_first : sums.dC_first;
+              add_planes(M, N, T, turned.data(), turned_stride, &first[t0], first_stride);
+            } else {
+              const int64_t at = b * p.dBC_stride[1] + t0 * p.dBC_stride[3];
+              add_planes(M, N, T, turned.data(), turned_stride, out + at, out_stride);
+            }
           }
         }
         for (int64_t r = 0; r < rows; ++r) {
