@@ -393,18 +393,20 @@ struct TaskScratch {
 //
 // Each (modality, step) is one call of a *_modality_step helper (inlined) over the Np states
 // in blocks of kLanes. The first modality of a step writes the next coupled state (or λ)
-// instead of adding to it; it is compiled apart (kFirst) rather than selected per state. Sums
-// over states are kept in kLanes lanes, written out per (modality, step) and reduced after
-// the chunk, 16 at a time (sum_lane_blocks): a reduction per (modality, step) cost more than
+// where the others add to it. The forward reads zeros in place of the sum so far for it (one
+// loop nest for all modalities: the fewest instructions there); the backward's two passes
+// compile it apart (kFirst), which counted fewer in them. Sums over
+// states are kept in kLanes lanes, written out per (modality, step) and reduced after the
+// chunk, 16 at a time (sum_lane_blocks): a reduction per (modality, step) cost more than
 // the state loop's own work at N = 64.
 
-// Forward, one (m, t): h = a·G_prev + Δu·B per state, G_next (+)= w·h, and the lanes of
-// Σ_n C·h into part_out.
-template <bool kFirst, typename acc_t>
+// Forward, one (m, t): h = a·G_prev + Δu·B per state, G_next = G_in + w·h (G_in is G_next
+// itself, or zeros for the first modality), and the lanes of Σ_n C·h into part_out.
+template <typename acc_t>
 CM_INLINE_INTO_CLONES void forward_modality_step(
     int64_t Np, acc_t dt, acc_t dr, acc_t wm, const acc_t* __restrict A,
     const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict G_prev,
-    acc_t* __restrict G_next, acc_t* __restrict part_out, const cpu::ExpClamp& clamp) {
+    const acc_t* G_in, acc_t* G_next, acc_t* __restrict part_out, const cpu::ExpClamp& clamp) {
   // The lanes accumulate in part_out itself: gcc keeps them in registers through the loop
   // over blocks (a local array was zeroed, spilled and copied out through the stack).
 #pragma omp simd
@@ -415,13 +417,13 @@ CM_INLINE_INTO_CLONES void forward_modality_step(
       const int64_t n = n0 + j;
       const acc_t h = modality_state(exp_vec(dt * A[n], clamp), G_prev[n], dr, B[n]);
       part_out[j] += C[n] * h;
-      G_next[n] = kFirst ? wm * h : G_next[n] + wm * h;
+      G_next[n] = G_in[n] + wm * h;
     }
   }
 }
 
 // Forward. G holds the coupled state at the chunk start on entry, at its end on return;
-// spare is Np values of scratch; parts is M·K·kLanes values of scratch. yhat[m][t] = Σ_n C·h_m
+// spare is Np values of scratch, zeros Np zeros; parts is M·K·kLanes values of scratch. yhat[m][t] = Σ_n C·h_m
 // (without the D·u term). The decays exp(Δ·A) are computed in the loop, not read from a
 // buffer: a chunk's decays do not fit in L1 next to its B and C.
 template <typename acc_t>
@@ -430,18 +432,16 @@ CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
                                          const acc_t* __restrict drive,
                                          const acc_t* __restrict w, const acc_t* __restrict A,
                                          const acc_t* __restrict B, const acc_t* __restrict C,
-                                         acc_t* G, acc_t* spare, acc_t* __restrict parts,
-                                         acc_t* __restrict yhat) {
+                                         acc_t* G, acc_t* spare, const acc_t* zeros,
+                                         acc_t* __restrict parts, acc_t* __restrict yhat) {
   const cpu::ExpClamp clamp = cpu::ExpClamp::opaque();
   acc_t* G_prev = G;
   acc_t* G_next = spare;
   for (int64_t t = 0; t < T; ++t) {
-    forward_modality_step<true>(Np, step[t], drive[t], w[0], A, B + t * Np, C + t * Np, G_prev,
-                                G_next, parts + t * kLanes, clamp);
-    for (int64_t m = 1; m < M; ++m) {
+    for (int64_t m = 0; m < M; ++m) {
       const int64_t mt = m * K + t;
-      forward_modality_step<false>(Np, step[mt], drive[mt], w[m], A + m * Np, B + mt * Np,
-                                   C + mt * Np, G_prev, G_next, parts + mt * kLanes, clamp);
+      forward_modality_step(Np, step[mt], drive[mt], w[m], A + m * Np, B + mt * Np, C + mt * Np,
+                            G_prev, m == 0 ? zeros : G_next, G_next, parts + mt * kLanes, clamp);
     }
     std::swap(G_prev, G_next);
   }
@@ -602,7 +602,8 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
     const cpu::FlushDenormals flush_denormals;
     TaskScratch<acc_t> in(p);
     // G[row][Np]: the coupled state of each channel (padded states stay 0).
-    std::vector<acc_t> G(kRowsPerTask * Np), spare(Np), yhat(M * K), z(K), parts(M * K * kLanes);
+    std::vector<acc_t> G(kRowsPerTask * Np), spare(Np), zeros(Np, acc_t(0)), yhat(M * K), z(K),
+        parts(M * K * kLanes);
     for (int64_t task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
       in.start_task(p, task);
       const int64_t b = in.b, e0 = in.e0, rows = in.rows;
@@ -622,8 +623,8 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
           std::copy(state, state + N, &chunk_states[((b * s.dim + e) * s.n_chunks + c) * N]);
           in.template load_steps_of_row<input_t>(p, r, t0, T);
           scan_chunk_forward(M, Np, T, in.step.data(), in.drive.data(), in.w.data(), in.A_row(r),
-                             in.B_tile.data(), in.C_tile.data(), state, spare.data(), parts.data(),
-                             yhat.data());
+                             in.B_tile.data(), in.C_tile.data(), state, spare.data(), zeros.data(),
+                             parts.data(), yhat.data());
           // Pass 3: ŷ = Σ_n C·h + D·u, y = ŷ·silu(z).
           for (int64_t m = 0; m < M; ++m) {
             const int64_t out = ((m * s.batch + b) * s.dim + e) * L + t0;
