@@ -22,7 +22,7 @@
 #include <atomic>
 #include <cmath>
 #include <type_traits>
-#include <utility>
+#include <tuple>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -198,57 +198,73 @@ inline void store_steps(const acc_t* __restrict x, int64_t T, input_t* __restric
   for (int64_t k = 0; k < T; ++k) out[k] = static_cast<input_t>(x[k]);
 }
 
-// tile[k·Np + n] = src[n·n_stride + k] for n < N, k < T: one modality's B or C of a chunk
-// turned so that loops over states read it contiguously (and the backward's dB, dC turned
-// back). For float with N, T >= 8, in 8×8 blocks, each transposed by 24 shuffles (one load
-// and one store per 8 elements instead of one each per element); at the edges the last
-// block overlaps the one before it (a copy: the overlap is written twice, the same).
-// Otherwise one element at a time.
-template <typename acc_t>
+#ifdef CM_HAVE_SHUFFLES
+// tile[k·Np + n] = src[n·n_stride + k] (or += with kAdd) for n, k < 8, by 24 shuffles: one
+// load and one store per 8 elements instead of one each per element.
+template <bool kAdd>
+CM_INLINE_INTO_CLONES void transpose_8x8(const float* __restrict src, int64_t n_stride,
+                                         float* __restrict tile, int64_t Np) {
+  lanes8 r[8], t[8], s[8];  // in registers: every loop below is unrolled
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) __builtin_memcpy(&r[i], src + i * n_stride, sizeof r[i]);
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; i += 4)  // quadruples of rows: columns k, k + 4 in one vector
+#pragma GCC unroll 2
+    for (int j = 0; j < 2; ++j) {
+      s[i + 2 * j] = __builtin_shufflevector(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      s[i + 2 * j + 1] =
+          __builtin_shufflevector(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  // s[0..3] hold columns (0,4), (1,5), (2,6), (3,7) of rows 0-3; s[4..7] of rows 4-7.
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    lanes8 column[2] = {__builtin_shufflevector(s[k], s[k + 4], 0, 1, 2, 3, 8, 9, 10, 11),
+                        __builtin_shufflevector(s[k], s[k + 4], 4, 5, 6, 7, 12, 13, 14, 15)};
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half) {
+      float* out = tile + (k + 4 * half) * Np;
+      if constexpr (kAdd) {
+        lanes8 sum;
+        __builtin_memcpy(&sum, out, sizeof sum);
+        column[half] += sum;
+      }
+      __builtin_memcpy(out, &column[half], sizeof column[half]);
+    }
+  }
+}
+#endif
+
+// tile[k·Np + n] = src[n·n_stride + k] for n < N, k < T, or += with kAdd: one modality's B or
+// C of a chunk turned so that loops over states read it contiguously, and the backward's dB,
+// dC turned back and added into their sums. For float, in 8×8 blocks (transpose_8x8); a copy
+// covers its edges with a last block that overlaps the one before it (the overlap is written
+// twice, the same), a sum one element at a time.
+template <bool kAdd, typename acc_t>
 CM_VECTOR_CLONES void transpose_to_states(const acc_t* __restrict src, int64_t n_stride,
                                           int64_t N, int64_t T, acc_t* __restrict tile,
                                           int64_t Np) {
+  int64_t n_done = 0, k_done = 0;  // [0, n_done) x [0, k_done) is done in blocks
 #ifdef CM_HAVE_SHUFFLES
   if constexpr (std::is_same_v<acc_t, float>) {
     if (N >= 8 && T >= 8) {
-      for (int64_t n_block = 0; n_block < N; n_block += 8)
-        for (int64_t k_block = 0; k_block < T; k_block += 8) {
+      n_done = kAdd ? N / 8 * 8 : N;
+      k_done = kAdd ? T / 8 * 8 : T;
+      for (int64_t n_block = 0; n_block < n_done; n_block += 8)
+        for (int64_t k_block = 0; k_block < k_done; k_block += 8) {
           const int64_t n0 = std::min(n_block, N - 8), k0 = std::min(k_block, T - 8);
-          // Unrolled, so that the blocks live in registers.
-          lanes8 r[8], t[8], s[8];
-#pragma GCC unroll 8
-          for (int i = 0; i < 8; ++i)
-            __builtin_memcpy(&r[i], src + (n0 + i) * n_stride + k0, sizeof r[i]);
-#pragma GCC unroll 8
-          for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
-            t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-            t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-          }
-#pragma GCC unroll 8
-          for (int i = 0; i < 8; i += 4)  // quadruples of rows: columns k, k + 4 in one vector
-#pragma GCC unroll 2
-            for (int j = 0; j < 2; ++j) {
-              s[i + 2 * j] =
-                  __builtin_shufflevector(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-              s[i + 2 * j + 1] =
-                  __builtin_shufflevector(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-            }
-          // s[0..3] hold columns (0,4), (1,5), (2,6), (3,7) of rows 0-3; s[4..7] of rows 4-7.
-#pragma GCC unroll 8
-          for (int k = 0; k < 4; ++k) {
-            const lanes8 low = __builtin_shufflevector(s[k], s[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-            const lanes8 high =
-                __builtin_shufflevector(s[k], s[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-            __builtin_memcpy(tile + (k0 + k) * Np + n0, &low, sizeof low);
-            __builtin_memcpy(tile + (k0 + k + 4) * Np + n0, &high, sizeof high);
-          }
+          transpose_8x8<kAdd>(src + n0 * n_stride + k0, n_stride, tile + k0 * Np + n0, Np);
         }
-      return;
     }
   }
 #endif
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < T; ++k) tile[k * Np + n] = src[n * n_stride + k];
+    for (int64_t k = n < n_done ? k_done : 0; k < T; ++k)
+      tile[k * Np + n] = (kAdd ? tile[k * Np + n] : acc_t(0)) + src[n * n_stride + k];
 }
 
 // ---- Passes 1 and 3: loops over the steps of one chunk.
@@ -343,10 +359,10 @@ struct TaskScratch {
     if constexpr (std::is_same_v<input_t, acc_t>) {
       if (p.B.stride[3] == 1 && p.C.stride[3] == 1) {
         for (int64_t m = 0; m < M; ++m) {
-          transpose_to_states(ptr4<acc_t>(p.B, m, b, 0, t0), p.B.stride[2], N, T,
-                              &B_tile[m * K * Np], Np);
-          transpose_to_states(ptr4<acc_t>(p.C, m, b, 0, t0), p.C.stride[2], N, T,
-                              &C_tile[m * K * Np], Np);
+          transpose_to_states<false>(ptr4<acc_t>(p.B, m, b, 0, t0), p.B.stride[2], N, T,
+                                     &B_tile[m * K * Np], Np);
+          transpose_to_states<false>(ptr4<acc_t>(p.C, m, b, 0, t0), p.C.stride[2], N, T,
+                                     &C_tile[m * K * Np], Np);
         }
         return;
       }
@@ -651,20 +667,16 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
   });
 }
 
-// dst[m, n, t] += src[m, n, t] for m < M, n < N, t < T; strides (m, n, t) of each.
+// dst[m, n, t] += src[m, n, t] for m < M, n < N, t < T; strides (m, n) of each, t contiguous.
 template <typename acc_t>
-inline void add_planes(int64_t M, int64_t N, int64_t T, const acc_t* src,
-                       const std::array<int64_t, 3>& src_stride, acc_t* dst,
-                       const std::array<int64_t, 3>& dst_stride) {
+CM_VECTOR_CLONES void add_planes(int64_t M, int64_t N, int64_t T, const acc_t* src,
+                                 const std::array<int64_t, 2>& src_stride, acc_t* dst,
+                                 const std::array<int64_t, 2>& dst_stride) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
       const acc_t* __restrict s = src + m * src_stride[0] + n * src_stride[1];
       acc_t* __restrict d = dst + m * dst_stride[0] + n * dst_stride[1];
-      if (src_stride[2] == 1 && dst_stride[2] == 1) {  // the usual case, vectorised
-        for (int64_t t = 0; t < T; ++t) d[t] += s[t];
-      } else {
-        for (int64_t t = 0; t < T; ++t) d[t * dst_stride[2]] += s[t * src_stride[2]];
-      }
+      for (int64_t t = 0; t < T; ++t) d[t] += s[t];
     }
 }
 
@@ -713,9 +725,10 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
   const int64_t n_parts = std::clamp<int64_t>(
       (n_tasks + parallel_grain(s) - 1) / parallel_grain(s), 1, kMaxBackwardParts);
   std::vector<PartSums<acc_t>> part_sums(n_parts);
-  // Strides over (m, n, t) of dB, dC (M, batch, N, L) and of a part's dB_first, dC_first.
-  const std::array<int64_t, 3> out_stride = {p.dBC_stride[0], p.dBC_stride[2], p.dBC_stride[3]};
-  const std::array<int64_t, 3> first_stride = {N * L, L, 1};
+  // Strides over (m, n) of dB, dC (M, batch, N, L) and of a part's dB_first, dC_first; t is
+  // contiguous in both (prepare_scan_backward allocates dB, dC contiguous).
+  const std::array<int64_t, 2> out_stride = {p.dBC_stride[0], p.dBC_stride[2]};
+  const std::array<int64_t, 2> first_stride = {N * L, L};
   std::atomic<int64_t> next_part{0};
   at::parallel_for(0, n_parts, 1, [&](int64_t, int64_t) {
     const cpu::FlushDenormals flush_denormals;
@@ -725,8 +738,7 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
         parts((2 * M * K + M) * kLanes);
     std::vector<acc_t> dyhat(M * K), d_step(M * K), d_u(M * K), z(K), y_ungated(K), dz(K);
     std::vector<acc_t> lambda(kRowsPerTask * Np), dA(kRowsPerTask * M * Np),
-        dD(kRowsPerTask * M), dbias(kRowsPerTask * M), dB_tile(M * K * Np), dC_tile(M * K * Np),
-        turned(M * N * K);
+        dD(kRowsPerTask * M), dbias(kRowsPerTask * M), dB_tile(M * K * Np), dC_tile(M * K * Np);
     for (int64_t part; (part = next_part.fetch_add(1, std::memory_order_relaxed)) < n_parts;) {
       PartSums<acc_t>& sums = part_sums[part];
       sums.dA.assign(M * s.dim * N, acc_t(0));
@@ -805,20 +817,17 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
                 for (const TensorArg* x : {&p.delta, &p.u, &p.dy, &p.z, &p.y_ungated})
                   prefetch_steps<input_t>(*x, m, b, e, t0 - K, K);
           }
-          // This chunk's dB, dC, summed over the task's channels: into the outputs, or into
-          // the part's own sums for a batch index the previous part has tasks of too.
-          // Turned back to [m][n][t] first, so that the additions run along t.
-          const std::array<int64_t, 3> turned_stride = {N * K, K, 1};
-          for (auto [tile, out] : {std::pair{&dB_tile, dB_out}, std::pair{&dC_tile, dC_out}}) {
+          // This chunk's dB, dC, summed over the task's channels, turned back to [m][n][t] and
+          // added into the outputs, or into the part's own sums for a batch index the
+          // previous part has tasks of too.
+          for (auto [tile, out, first] : {std::tuple{&dB_tile, dB_out, &sums.dB_first},
+                                          std::tuple{&dC_tile, dC_out, &sums.dC_first}}) {
+            const bool into_first = b == sums.first_b;
+            acc_t* at = into_first ? first->data() + t0 : out + b * p.dBC_stride[1] + t0;
+            const std::array<int64_t, 2>& stride = into_first ? first_stride : out_stride;
             for (int64_t m = 0; m < M; ++m)
-              transpose_to_states(&(*tile)[m * K * Np], Np, T, N, &turned[m * N * K], K);
-            if (b == sums.first_b) {
-              std::vector<acc_t>& first = tile == &dB_tile ? sums.dB_first : sums.dC_first;
-              add_planes(M, N, T, turned.data(), turned_stride, &first[t0], first_stride);
-            } else {
-              const int64_t at = b * p.dBC_stride[1] + t0 * p.dBC_stride[3];
-              add_planes(M, N, T, turned.data(), turned_stride, out + at, out_stride);
-            }
+              transpose_to_states<true>(&(*tile)[m * K * Np], Np, T, N, at + m * stride[0],
+                                        stride[1]);
           }
         }
         for (int64_t r = 0; r < rows; ++r) {
