@@ -251,7 +251,8 @@ def main():
         same = ("the same in each" if spread == 0 else
                 f"differing by at most {spread:.4f} per element")
         print(f"\n{label}: {phase['per_element']:.2f} instructions per element "
-              f"({totals[-1]} per call; {len(totals)} calls counted, {same})")
+              f"({totals[-1]} per call; {len(totals)} call{'s' if len(totals) > 1 else ''} "
+              f"counted, {same})")
         small = 0
         for name, cost in sorted(phase["functions"].items(), key=lambda kv: -kv[1]):
             if cost >= 0.01 * elements:
