@@ -83,17 +83,19 @@ inline int64_t parallel_grain(const ScanShape& s) {
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
 typedef float lanes8 __attribute__((vector_size(32)));
 
-// parts[0 .. 8) + parts[8 .. 16) as one vector.
-CM_INLINE_INTO_CLONES lanes8 fold_lane_halves(const float* parts) {
+// sum = parts[0 .. 8) + parts[8 .. 16). (Written out, not returned: a returned 32-byte
+// vector has another ABI with and without AVX, which gcc warns about for the baseline build.)
+CM_INLINE_INTO_CLONES void fold_lane_halves(const float* parts, lanes8& sum) {
   static_assert(kLanes == 16, "two 8-wide halves");
-  lanes8 lo, hi;
-  __builtin_memcpy(&lo, parts, sizeof lo);
+  lanes8 hi;
+  __builtin_memcpy(&sum, parts, sizeof sum);
   __builtin_memcpy(&hi, parts + 8, sizeof hi);
-  return lo + hi;
+  sum += hi;
 }
 
 CM_INLINE_INTO_CLONES float sum_lanes(const float (&part)[kLanes]) {
-  const lanes8 a = fold_lane_halves(part);
+  lanes8 a;
+  fold_lane_halves(part, a);
   lanes8 b = a + __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3);
   b += __builtin_shufflevector(b, b, 2, 3, 0, 1, 6, 7, 4, 5);
   b += __builtin_shufflevector(b, b, 1, 0, 3, 2, 5, 4, 7, 6);
@@ -109,7 +111,7 @@ CM_INLINE_INTO_CLONES void sum_16_lane_blocks(const float* __restrict parts,
                                               float* __restrict sums) {
   lanes8 a[16], b[8], c[4];  // in registers: every loop below is unrolled
 #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) a[i] = fold_lane_halves(parts + i * kLanes);
+  for (int i = 0; i < 16; ++i) fold_lane_halves(parts + i * kLanes, a[i]);
   // b[k] = [a[2k] folded to 4 lanes | a[2k+1] folded to 4]
 #pragma GCC unroll 16
   for (int k = 0; k < 8; ++k)
