@@ -104,7 +104,7 @@ CM_INLINE_INTO_CLONES float sum_lanes(const float (&part)[kLanes]) {
 
 // sums[i] = Σ_j parts[i·kLanes + j] for 16 consecutive i: each vector's halves added, then
 // the 16 vectors folded into each other pairwise (quarters, pairs, single lanes) and put in
-// order: about 80 instructions for 16 sums on AVX2 instead of about 10 dependent ones per
+// order: about 85 instructions for 16 sums on AVX2 instead of about 10 dependent ones per
 // sum. The scans store each (modality, step)'s kLanes partial sums and reduce a whole
 // chunk's at once with this.
 CM_INLINE_INTO_CLONES void sum_16_lane_blocks(const float* __restrict parts,
