@@ -2,6 +2,7 @@
 loop (coupled_mamba_ext.reference.coupled_scan_ref), side by side in one run.
 
     python bench/bench_scan.py --device cpu                 # ~10 minutes on 2 cores
+    python bench/bench_scan.py --device cpu --cases short   # the L = 50 shape alone
     python bench/bench_scan.py --device cuda --json out.json
 
 Every case runs the operator and the reference on the same inputs (all optional arguments:
@@ -227,7 +228,8 @@ def run_cpu(args, report):
     dtype = DTYPES[args.dtype or "float32"]
     dtype_name = args.dtype or "float32"
     print(f"CPU, {torch.get_num_threads()} threads, {dtype_name}", flush=True)
-    for shape in CPU_SHAPES.values():
+    for name in args.cases or CPU_SHAPES:
+        shape = CPU_SHAPES[name]
         long = shape[3] >= 1000
         for mode in ("fwd", "fwdbwd"):
             row = {"shape": shape, "dtype": dtype_name, "mode": mode,
@@ -252,6 +254,8 @@ def run_cpu(args, report):
                   f"op {_mib(row['op_extra_bytes'])}, reference {_mib(row['ref_extra_bytes'])}",
                   flush=True)
 
+    if args.cases:  # a quick run of chosen shapes: no scaling study
+        return
     # How forward+backward extra memory scales.
     M, batch, dim, L, N = CPU_SCALING_BASE
     variants = {"base": CPU_SCALING_BASE, "2L": (M, batch, dim, 2 * L, N),
@@ -507,7 +511,7 @@ def print_table(report):
                  else "none"))
         for m in report["mamba_ssm"]:
             print(f"mamba_ssm selective_scan_cuda ({m['case']}) {m['dtype']}: {m['result']}")
-    else:
+    elif "scaling" in report:
         s = report["scaling"]
         print(f"fwd+bwd extra memory ratios from {shape_name(tuple(s['base_shape']))}: "
               f"op L->2L {_fmt(s['op']['ratio_2L'])}, N->2N {_fmt(s['op']['ratio_2N'])}; "
@@ -522,6 +526,10 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (torch.set_num_threads; also in the memory "
                         "subprocesses); default: torch's")
+    parser.add_argument("--cases", nargs="+", choices=list(CPU_SHAPES), default=None,
+                        help="CPU: time only these shapes (short: M=3 batch 32 dim 256 L=50 "
+                        "N=64; long: M=3 batch 4 dim 256 L=2000 N=16), without the memory "
+                        "scaling study; default: every shape and the study")
     parser.add_argument("--json", default=None, help="write every number to this file")
     parser.add_argument("--no-reference", action="store_true",
                         help="CUDA: time the operator only (no reference loop, no memory history)")
@@ -535,6 +543,8 @@ def main():
         print(json.dumps(measure_cpu_memory_here(spec["kind"], spec["mode"],
                                                  tuple(spec["shape"]), spec["dtype"])))
         return
+    if args.cases and args.device != "cpu":
+        parser.error("--cases chooses CPU shapes; use it with --device cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_scan: --device cuda but no CUDA device is visible")
     if args.device == "cuda" and not coupled_mamba_ext.build_info()["cuda"]:

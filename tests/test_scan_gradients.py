@@ -12,13 +12,16 @@ from coupled_mamba_ext.reference import coupled_scan_ref
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 # (M, batch, dim, L, N): chunk boundaries (the backward recomputes each 64-step chunk from
-# its saved state), L = 1, M = 8, the largest N, dim past the CPU kernel's channel block.
+# its saved state), L = 1, M = 8, the largest N, dim past the CPU kernel's channel block,
+# N and a chunk's length from 8 up but not multiples of 8 (the edges of the CPU kernel's 8×8
+# transposes of B, C, dB and dC).
 SHAPES = [
     (3, 2, 5, 70, 8),
     (1, 1, 3, 1, 4),
     (8, 1, 2, 65, 3),
     (2, 2, 17, 130, 16),
     (2, 1, 2, 10, 256),
+    (2, 2, 3, 75, 12),
 ]
 
 

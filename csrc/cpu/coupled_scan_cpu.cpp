@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cmath>
 #include <type_traits>
+#include <tuple>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -78,64 +79,64 @@ inline int64_t parallel_grain(const ScanShape& s) {
 }
 
 // Σ of the kLanes partial sums of a blocked reduction. With clang or gcc >= 12 (which have
-// __builtin_shufflevector): as one vector, halved four times, a handful of shuffles and
-// additions; omp simd's own reduction, or a loop, becomes a chain of scalar additions
-// through memory. Otherwise: a tree the compiler may or may not turn into shuffles.
+// __builtin_shufflevector): in 8-wide vectors (one AVX2 register, half of an AVX-512 one),
+// the two halves added, then halved three times; omp simd's own reduction, or a loop,
+// becomes a chain of scalar additions through memory, and a 16-wide vector type is
+// assembled lane by lane from memory by gcc's AVX2 build. Otherwise: a tree the compiler may
+// or may not turn into shuffles.
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+typedef float lanes8 __attribute__((vector_size(32)));
+
+// sum = parts[0 .. 8) + parts[8 .. 16). (Written out, not returned: a returned 32-byte
+// vector has another ABI with and without AVX, which gcc warns about for the baseline build.)
+CM_INLINE_INTO_CLONES void fold_lane_halves(const float* parts, lanes8& sum) {
+  static_assert(kLanes == 16, "two 8-wide halves");
+  lanes8 hi;
+  __builtin_memcpy(&sum, parts, sizeof sum);
+  __builtin_memcpy(&hi, parts + 8, sizeof hi);
+  sum += hi;
+}
+
 CM_INLINE_INTO_CLONES float sum_lanes(const float (&part)[kLanes]) {
-  static_assert(kLanes == 16, "the halvings below are for 16 lanes");
-  typedef float v16 __attribute__((vector_size(64)));
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  v16 x;
-  __builtin_memcpy(&x, part, sizeof x);
-  const v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  b += __builtin_shufflevector(b, b, 2, 3, 0, 1);
-  b += __builtin_shufflevector(b, b, 1, 0, 3, 2);
+  lanes8 a;
+  fold_lane_halves(part, a);
+  lanes8 b = a + __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3);
+  b += __builtin_shufflevector(b, b, 2, 3, 0, 1, 6, 7, 4, 5);
+  b += __builtin_shufflevector(b, b, 1, 0, 3, 2, 5, 4, 7, 6);
   return b[0];
 }
 
-// sums[i] = Σ_j parts[i·kLanes + j] for 16 consecutive i: the 16 vectors are folded into
-// each other pairwise (halves, quarters, pairs, single lanes), 45 shuffles and additions for
-// 16 sums instead of 9 dependent ones per sum. The scans store each (modality, step)'s
-// kLanes partial sums and reduce a whole chunk's at once with this: with few states
-// (N = 16: one vector per (modality, step)) the per-sum reduction was the largest item of
-// the forward's profile.
+// sums[i] = Σ_j parts[i·kLanes + j] for 16 consecutive i: each vector's halves added, then
+// the 16 vectors folded into each other pairwise (quarters, pairs, single lanes) and put in
+// order: about 85 instructions for 16 sums on AVX2 instead of about 10 dependent ones per
+// sum. The scans store each (modality, step)'s kLanes partial sums and reduce a whole
+// chunk's at once with this.
 CM_INLINE_INTO_CLONES void sum_16_lane_blocks(const float* __restrict parts,
                                               float* __restrict sums) {
-  static_assert(kLanes == 16, "the foldings below are for 16 lanes");
-  typedef float v16 __attribute__((vector_size(64)));
-  v16 x[16], y[8], z[4], w[2];
-  for (int i = 0; i < 16; ++i) __builtin_memcpy(&x[i], parts + i * kLanes, sizeof(v16));
-  // y[k] = [x[2k] folded to 8 lanes | x[2k+1] folded to 8]
+  lanes8 a[16], b[8], c[4];  // in registers: every loop below is unrolled
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) fold_lane_halves(parts + i * kLanes, a[i]);
+  // b[k] = [a[2k] folded to 4 lanes | a[2k+1] folded to 4]
+#pragma GCC unroll 16
   for (int k = 0; k < 8; ++k)
-    y[k] = __builtin_shufflevector(x[2 * k], x[2 * k + 1],
-                                   0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(x[2 * k], x[2 * k + 1],
-                                   8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  // z[k] = [x[4k] to 4 | x[4k+1] to 4 | x[4k+2] to 4 | x[4k+3] to 4]
+    b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(a[2 * k], a[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  // c[k] = [a[4k] to 2 | a[4k+2] to 2 | a[4k+1] to 2 | a[4k+3] to 2]
+#pragma GCC unroll 16
   for (int k = 0; k < 4; ++k)
-    z[k] = __builtin_shufflevector(y[2 * k], y[2 * k + 1],
-                                   0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           __builtin_shufflevector(y[2 * k], y[2 * k + 1],
-                                   4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  // w[k] = [x[8k], x[8k+4] | x[8k+1], x[8k+5] | x[8k+2], x[8k+6] | x[8k+3], x[8k+7]],
-  // each folded to 2 lanes
-  for (int k = 0; k < 2; ++k)
-    w[k] = __builtin_shufflevector(z[2 * k], z[2 * k + 1],
-                                   0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
-           __builtin_shufflevector(z[2 * k], z[2 * k + 1],
-                                   2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-  // The two lanes of each added, in the order x[0] .. x[15].
-  const v16 total = __builtin_shufflevector(w[0], w[1], 0, 4, 8, 12, 2, 6, 10, 14,
-                                            16, 20, 24, 28, 18, 22, 26, 30) +
-                    __builtin_shufflevector(w[0], w[1], 1, 5, 9, 13, 3, 7, 11, 15,
-                                            17, 21, 25, 29, 19, 23, 27, 31);
-  __builtin_memcpy(sums, &total, sizeof total);
+    c[k] = __builtin_shufflevector(b[2 * k], b[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(b[2 * k], b[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  // Single lanes: [a[8k], a[8k+2], a[8k+4], a[8k+6], a[8k+1], a[8k+3], a[8k+5], a[8k+7]],
+  // then put in order.
+#pragma GCC unroll 16
+  for (int k = 0; k < 2; ++k) {
+    const lanes8 d = __builtin_shufflevector(c[2 * k], c[2 * k + 1], 0, 2, 8, 10, 4, 6, 12, 14) +
+                     __builtin_shufflevector(c[2 * k], c[2 * k + 1], 1, 3, 9, 11, 5, 7, 13, 15);
+    const lanes8 ordered = __builtin_shufflevector(d, d, 0, 4, 1, 5, 2, 6, 3, 7);
+    __builtin_memcpy(sums + 8 * k, &ordered, sizeof ordered);
+  }
 }
-#define CM_HAVE_SUM_16_LANE_BLOCKS 1
+#define CM_HAVE_SHUFFLES 1
 #endif
 template <typename acc_t>
 CM_INLINE_INTO_CLONES acc_t sum_lanes(const acc_t (&part)[kLanes]) {
@@ -150,7 +151,7 @@ template <typename acc_t>
 CM_INLINE_INTO_CLONES void sum_lane_blocks(const acc_t* __restrict parts, int64_t count,
                                            acc_t* __restrict sums) {
   int64_t i = 0;
-#ifdef CM_HAVE_SUM_16_LANE_BLOCKS
+#ifdef CM_HAVE_SHUFFLES
   if constexpr (std::is_same_v<acc_t, float>)
     for (; i + 16 <= count; i += 16) sum_16_lane_blocks(parts + i * kLanes, sums + i);
 #endif
@@ -201,6 +202,75 @@ inline void prefetch_steps(const TensorArg& x, int64_t m, int64_t b, int64_t e, 
 template <typename input_t, typename acc_t>
 inline void store_steps(const acc_t* __restrict x, int64_t T, input_t* __restrict out) {
   for (int64_t k = 0; k < T; ++k) out[k] = static_cast<input_t>(x[k]);
+}
+
+#ifdef CM_HAVE_SHUFFLES
+// tile[k·Np + n] = src[n·n_stride + k] (or += with kAdd) for n, k < 8, by 24 shuffles: one
+// load and one store per 8 elements instead of one each per element.
+template <bool kAdd>
+CM_INLINE_INTO_CLONES void transpose_8x8(const float* __restrict src, int64_t n_stride,
+                                         float* __restrict tile, int64_t Np) {
+  lanes8 r[8], t[8], s[8];  // in registers: every loop below is unrolled
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) __builtin_memcpy(&r[i], src + i * n_stride, sizeof r[i]);
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; i += 4)  // quadruples of rows: columns k, k + 4 in one vector
+#pragma GCC unroll 2
+    for (int j = 0; j < 2; ++j) {
+      s[i + 2 * j] = __builtin_shufflevector(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      s[i + 2 * j + 1] =
+          __builtin_shufflevector(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  // s[0..3] hold columns (0,4), (1,5), (2,6), (3,7) of rows 0-3; s[4..7] of rows 4-7.
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    lanes8 column[2] = {__builtin_shufflevector(s[k], s[k + 4], 0, 1, 2, 3, 8, 9, 10, 11),
+                        __builtin_shufflevector(s[k], s[k + 4], 4, 5, 6, 7, 12, 13, 14, 15)};
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half) {
+      float* out = tile + (k + 4 * half) * Np;
+      if constexpr (kAdd) {
+        lanes8 sum;
+        __builtin_memcpy(&sum, out, sizeof sum);
+        column[half] += sum;
+      }
+      __builtin_memcpy(out, &column[half], sizeof column[half]);
+    }
+  }
+}
+#endif
+
+// tile[k·Np + n] = src[n·n_stride + k] for n < N, k < T, or += with kAdd: one modality's B or
+// C of a chunk turned so that loops over states read it contiguously, and the backward's dB,
+// dC turned back and added into their sums. For float, in 8×8 blocks (transpose_8x8); a copy
+// covers its edges with a last block that overlaps the one before it (the overlap is written
+// twice, the same), a sum one element at a time.
+template <bool kAdd, typename acc_t>
+CM_VECTOR_CLONES void transpose_to_states(const acc_t* __restrict src, int64_t n_stride,
+                                          int64_t N, int64_t T, acc_t* __restrict tile,
+                                          int64_t Np) {
+  int64_t n_done = 0, k_done = 0;  // [0, n_done) x [0, k_done) is done in blocks
+#ifdef CM_HAVE_SHUFFLES
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (N >= 8 && T >= 8) {
+      n_done = kAdd ? N / 8 * 8 : N;
+      k_done = kAdd ? T / 8 * 8 : T;
+      for (int64_t n_block = 0; n_block < n_done; n_block += 8)
+        for (int64_t k_block = 0; k_block < k_done; k_block += 8) {
+          const int64_t n0 = std::min(n_block, N - 8), k0 = std::min(k_block, T - 8);
+          transpose_8x8<kAdd>(src + n0 * n_stride + k0, n_stride, tile + k0 * Np + n0, Np);
+        }
+    }
+  }
+#endif
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = n < n_done ? k_done : 0; k < T; ++k)
+      tile[k * Np + n] = (kAdd ? tile[k * Np + n] : acc_t(0)) + src[n * n_stride + k];
 }
 
 // ---- Passes 1 and 3: loops over the steps of one chunk.
@@ -292,6 +362,17 @@ struct TaskScratch {
   template <typename input_t, typename P>
   void load_tiles(const P& p, int64_t t0, int64_t T) {
     const int64_t M = s.n_modalities, N = s.dstate;
+    if constexpr (std::is_same_v<input_t, acc_t>) {
+      if (p.B.stride[3] == 1 && p.C.stride[3] == 1) {
+        for (int64_t m = 0; m < M; ++m) {
+          transpose_to_states<false>(ptr4<acc_t>(p.B, m, b, 0, t0), p.B.stride[2], N, T,
+                                     &B_tile[m * K * Np], Np);
+          transpose_to_states<false>(ptr4<acc_t>(p.C, m, b, 0, t0), p.C.stride[2], N, T,
+                                     &C_tile[m * K * Np], Np);
+        }
+        return;
+      }
+    }
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) {
         const input_t* Bp = ptr4<input_t>(p.B, m, b, n, t0);
@@ -331,48 +412,82 @@ struct TaskScratch {
 // ---- Pass 2: the recurrences of one channel through one chunk of T steps.
 // step, drive, u, dyhat, yhat, d_step, d_u: [m][t] (row length K); A: [m][Np];
 // B, C, decays, dB, dC: [m][t][Np]; history: [t][Np].
+//
+// Each (modality, step) is one call of a *_modality_step helper (inlined) over the Np states
+// in blocks of kLanes. The first modality of a step writes the next coupled state (or λ)
+// where the others add to it. The forward reads zeros in place of the sum so far for it (one
+// loop nest for all modalities: the fewest instructions there); the backward's two passes
+// compile it apart (kFirst), which counted fewer in them. Sums over states are kept in
+// kLanes lanes, written out per (modality, step) and reduced after the chunk, 16 at a time
+// (sum_lane_blocks): a reduction per (modality, step) cost more than the state loop's own
+// work at N = 64.
+
+// Forward, one (m, t): h = a·G_prev + Δu·B per state, G_next = G_in + w·h (G_in is G_next
+// itself, or zeros for the first modality), and the lanes of Σ_n C·h into part_out.
+template <typename acc_t>
+CM_INLINE_INTO_CLONES void forward_modality_step(
+    int64_t Np, acc_t dt, acc_t dr, acc_t wm, const acc_t* __restrict A,
+    const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict G_prev,
+    const acc_t* G_in, acc_t* G_next, acc_t* __restrict part_out, const cpu::ExpClamp& clamp) {
+  // The lanes accumulate in part_out itself, held in registers through the loop over blocks
+  // (and stored in each block): a local array instead is zeroed on the stack and copied out
+  // 16 bytes at a time by gcc, more instructions per (modality, step).
+#pragma omp simd
+  for (int64_t j = 0; j < kLanes; ++j) part_out[j] = 0;
+  for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const int64_t n = n0 + j;
+      const acc_t h = modality_state(exp_vec(dt * A[n], clamp), G_prev[n], dr, B[n]);
+      part_out[j] += C[n] * h;
+      G_next[n] = G_in[n] + wm * h;
+    }
+  }
+}
 
 // Forward. G holds the coupled state at the chunk start on entry, at its end on return;
-// spare is Np values of scratch. yhat[m][t] = Σ_n C·h_m (without the D·u term), through
-// parts [m][t][kLanes], the partial sums of each (m, t), reduced after the chunk. The decays
-// exp(Δ·A) are computed in the loop, not read from a buffer: a chunk's decays do not fit in
-// L1 next to its B and C.
+// spare is Np values of scratch, zeros Np zeros; parts is M·K·kLanes values of scratch.
+// yhat[m][t] = Σ_n C·h_m (without the D·u term). The decays exp(Δ·A) are computed in the
+// loop, not read from a buffer: a chunk's decays do not fit in L1 next to its B and C.
 template <typename acc_t>
 CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
                                          const acc_t* __restrict step,
                                          const acc_t* __restrict drive,
                                          const acc_t* __restrict w, const acc_t* __restrict A,
                                          const acc_t* __restrict B, const acc_t* __restrict C,
-                                         acc_t* G, acc_t* spare, acc_t* __restrict parts,
-                                         acc_t* __restrict yhat) {
+                                         acc_t* G, acc_t* spare, const acc_t* zeros,
+                                         acc_t* __restrict parts, acc_t* __restrict yhat) {
   const cpu::ExpClamp clamp = cpu::ExpClamp::opaque();
   acc_t* G_prev = G;
   acc_t* G_next = spare;
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t m = 0; m < M; ++m) {
-      const acc_t dt = step[m * K + t], dr = drive[m * K + t], wm = w[m];
-      const acc_t* __restrict Am = A + m * Np;
-      const acc_t* __restrict Bm = B + (m * K + t) * Np;
-      const acc_t* __restrict Cm = C + (m * K + t) * Np;
-      const bool first = m == 0;
-      acc_t part[kLanes] = {};
-      for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
-#pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const int64_t n = n0 + j;
-          const acc_t decay = exp_vec(dt * Am[n], clamp);
-          const acc_t h = modality_state(decay, G_prev[n], dr, Bm[n]);
-          part[j] += Cm[n] * h;
-          G_next[n] = (first ? acc_t(0) : G_next[n]) + wm * h;
-        }
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < kLanes; ++j) parts[(m * K + t) * kLanes + j] = part[j];
+      const int64_t mt = m * K + t;
+      forward_modality_step(Np, step[mt], drive[mt], w[m], A + m * Np, B + mt * Np, C + mt * Np,
+                            G_prev, m == 0 ? zeros : G_next, G_next, parts + mt * kLanes, clamp);
     }
     std::swap(G_prev, G_next);
   }
   if (G_prev != G) std::copy(G_prev, G_prev + Np, G);
   for (int64_t m = 0; m < M; ++m) sum_lane_blocks(parts + m * K * kLanes, T, yhat + m * K);
+}
+
+// Backward's recomputation, one (m, t): the forward's state update, keeping the decays.
+template <bool kFirst, typename acc_t>
+CM_INLINE_INTO_CLONES void recompute_modality_step(
+    int64_t Np, acc_t dt, acc_t dr, acc_t wm, const acc_t* __restrict A,
+    const acc_t* __restrict B, const acc_t* __restrict G_prev, acc_t* __restrict G_next,
+    acc_t* __restrict decay_out, const cpu::ExpClamp& clamp) {
+  for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const int64_t n = n0 + j;
+      const acc_t decay = exp_vec(dt * A[n], clamp);
+      decay_out[n] = decay;
+      const acc_t h = modality_state(decay, G_prev[n], dr, B[n]);
+      G_next[n] = kFirst ? wm * h : G_next[n] + wm * h;
+    }
+  }
 }
 
 // Backward's recomputation of one chunk from its saved start: history[t] = G[t - 1] for t in
@@ -388,83 +503,103 @@ CM_VECTOR_CLONES void scan_chunk_recompute(int64_t M, int64_t Np, int64_t T,
                                            acc_t* __restrict decays) {
   const cpu::ExpClamp clamp = cpu::ExpClamp::opaque();
   for (int64_t t = 0; t < T; ++t) {
-    const acc_t* __restrict G_prev = history + t * Np;
-    acc_t* __restrict G_next = history + (t + 1) * Np;
-    for (int64_t m = 0; m < M; ++m) {
-      const acc_t dt = step[m * K + t], dr = drive[m * K + t], wm = w[m];
-      const acc_t* __restrict Am = A + m * Np;
-      const acc_t* __restrict Bm = B + (m * K + t) * Np;
-      acc_t* __restrict decay_m = decays + (m * K + t) * Np;
-      const bool first = m == 0;
-      for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
+    const acc_t* G_prev = history + t * Np;
+    acc_t* G_next = history + (t + 1) * Np;
+    recompute_modality_step<true>(Np, step[t], drive[t], w[0], A, B + t * Np, G_prev, G_next,
+                                  decays + t * Np, clamp);
+    for (int64_t m = 1; m < M; ++m) {
+      const int64_t mt = m * K + t;
+      recompute_modality_step<false>(Np, step[mt], drive[mt], w[m], A + m * Np, B + mt * Np,
+                                     G_prev, G_next, decays + mt * Np, clamp);
+    }
+  }
+}
+
+// Backward, one (m, t), given λ = dℓ/dG[t] (lam): mu = dℓ/dh = dŷ·C + w·λ per state
+// (modality_state_grad_factored: the factors that do not depend on n are applied after the
+// sums over states). Adds into dA, dB, dC and λ_prev = dℓ/dG[t - 1] (written by kFirst),
+// writes the lanes of Σ_n A·mu·a·G_prev and Σ_n mu·B to the two part_* outputs, and adds
+// the lanes of Σ_n λ·h into part_w.
+template <bool kFirst, typename acc_t>
+CM_INLINE_INTO_CLONES void backward_modality_step(
+    int64_t Np, acc_t dt, acc_t dr, acc_t dy, acc_t wm, const acc_t* __restrict A,
+    const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict decay,
+    const acc_t* __restrict G_prev, const acc_t* __restrict lam, acc_t* __restrict lam_prev,
+    acc_t* __restrict dA, acc_t* __restrict dB, acc_t* __restrict dC,
+    acc_t* __restrict part_A_mu_decayed_out, acc_t* __restrict part_mu_B_out,
+    acc_t* __restrict part_w) {
+  // As in forward_modality_step, the lanes accumulate in the outputs themselves.
 #pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const int64_t n = n0 + j;
-          const acc_t decay = exp_vec(dt * Am[n], clamp);
-          decay_m[n] = decay;
-          const acc_t h = modality_state(decay, G_prev[n], dr, Bm[n]);
-          G_next[n] = (first ? acc_t(0) : G_next[n]) + wm * h;
-        }
-      }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    part_A_mu_decayed_out[j] = 0;
+    part_mu_B_out[j] = 0;
+  }
+  for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const int64_t n = n0 + j;
+      const acc_t h = modality_state(decay[n], G_prev[n], dr, B[n]);
+      const acc_t mu = dy * C[n] + wm * lam[n];
+      const FactoredStateGrad<acc_t> g =
+          modality_state_grad_factored(mu, decay[n], G_prev[n], dr, B[n]);
+      part_A_mu_decayed_out[j] += A[n] * g.mu_decayed;
+      part_mu_B_out[j] += g.mu_B;
+      part_w[j] += lam[n] * h;
+      dA[n] += dt * g.mu_decayed;
+      dB[n] += g.d_B;
+      dC[n] += dy * h;
+      lam_prev[n] = kFirst ? g.d_coupled_prev : lam_prev[n] + g.d_coupled_prev;
     }
   }
 }
 
 // Backward. lambda holds dℓ/dG at the chunk's last step on entry and dℓ/dG just before the
-// chunk on return; spare is Np values of scratch. For each (m, t): mu = dℓ/dh = dyhat·C +
-// w·lambda per state; the per-state gradients go to dA [m][Np], dB and dC, the sums over
-// states of dℓ/dw to dw [m] and of dℓ/dΔ and dℓ/du to d_step, d_u.
+// chunk on return; spare is Np values of scratch, parts (2·M·K + M)·kLanes. The per-state
+// gradients go to dA [m][Np], dB and dC, the sums over states of dℓ/dw to dw [m] and of
+// dℓ/dΔ and dℓ/du to d_step, d_u.
 template <typename acc_t>
 CM_VECTOR_CLONES void scan_chunk_backward(
     int64_t M, int64_t Np, int64_t T, const acc_t* __restrict step, const acc_t* __restrict u,
     const acc_t* __restrict drive, const acc_t* __restrict w, const acc_t* __restrict dyhat,
     const acc_t* __restrict A, const acc_t* __restrict B, const acc_t* __restrict C,
     const acc_t* __restrict history, const acc_t* __restrict decays, acc_t* lambda, acc_t* spare,
-    acc_t* __restrict dA, acc_t* __restrict dB, acc_t* __restrict dC, acc_t* __restrict dw,
-    acc_t* __restrict d_step, acc_t* __restrict d_u) {
+    acc_t* __restrict parts, acc_t* __restrict dA, acc_t* __restrict dB, acc_t* __restrict dC,
+    acc_t* __restrict dw, acc_t* __restrict d_step, acc_t* __restrict d_u) {
+  acc_t* parts_A_mu_decayed = parts;            // [m][t][kLanes]
+  acc_t* parts_mu_B = parts + M * K * kLanes;   // [m][t][kLanes]
+  acc_t* parts_w = parts + 2 * M * K * kLanes;  // [m][kLanes], over the chunk's steps
+  std::fill(parts_w, parts_w + M * kLanes, acc_t(0));
   acc_t* lam = lambda;
   acc_t* lam_prev = spare;
   for (int64_t t = T - 1; t >= 0; --t) {
-    const acc_t* __restrict G_prev = history + t * Np;
-    for (int64_t m = 0; m < M; ++m) {
-      const acc_t dt = step[m * K + t], um = u[m * K + t], dr = drive[m * K + t];
-      const acc_t dy = dyhat[m * K + t], wm = w[m];
-      const acc_t* __restrict Am = A + m * Np;
-      const acc_t* __restrict Bm = B + (m * K + t) * Np;
-      const acc_t* __restrict Cm = C + (m * K + t) * Np;
-      const acc_t* __restrict decay_m = decays + (m * K + t) * Np;
-      acc_t* __restrict dAm = dA + m * Np;
-      acc_t* __restrict dBm = dB + (m * K + t) * Np;
-      acc_t* __restrict dCm = dC + (m * K + t) * Np;
-      const bool first = m == 0;
-      // modality_state_grad_factored: the sums over states first (the backward pass is
-      // bound by its operations per element).
-      acc_t part_A_mu_decayed[kLanes] = {}, part_mu_B[kLanes] = {}, part_w[kLanes] = {};
-      for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
-#pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const int64_t n = n0 + j;
-          const acc_t h = modality_state(decay_m[n], G_prev[n], dr, Bm[n]);
-          const acc_t mu = dy * Cm[n] + wm * lam[n];
-          const FactoredStateGrad<acc_t> g =
-              modality_state_grad_factored(mu, decay_m[n], G_prev[n], dr, Bm[n]);
-          part_A_mu_decayed[j] += Am[n] * g.mu_decayed;
-          part_mu_B[j] += g.mu_B;
-          part_w[j] += lam[n] * h;
-          dAm[n] += dt * g.mu_decayed;
-          dBm[n] += g.d_B;
-          dCm[n] += dy * h;
-          lam_prev[n] = (first ? acc_t(0) : lam_prev[n]) + g.d_coupled_prev;
-        }
-      }
-      const acc_t sum_mu_B = sum_lanes(part_mu_B);
-      d_step[m * K + t] = sum_lanes(part_A_mu_decayed) + um * sum_mu_B;
-      d_u[m * K + t] = dt * sum_mu_B;
-      dw[m] += sum_lanes(part_w);
+    const acc_t* G_prev = history + t * Np;
+    backward_modality_step<true>(Np, step[t], drive[t], dyhat[t], w[0], A, B + t * Np,
+                                 C + t * Np, decays + t * Np, G_prev, lam, lam_prev, dA,
+                                 dB + t * Np, dC + t * Np, parts_A_mu_decayed + t * kLanes,
+                                 parts_mu_B + t * kLanes, parts_w);
+    for (int64_t m = 1; m < M; ++m) {
+      const int64_t mt = m * K + t;
+      backward_modality_step<false>(Np, step[mt], drive[mt], dyhat[mt], w[m], A + m * Np,
+                                    B + mt * Np, C + mt * Np, decays + mt * Np, G_prev, lam,
+                                    lam_prev, dA + m * Np, dB + mt * Np, dC + mt * Np,
+                                    parts_A_mu_decayed + mt * kLanes, parts_mu_B + mt * kLanes,
+                                    parts_w + m * kLanes);
     }
     std::swap(lam, lam_prev);
   }
   if (lam != lambda) std::copy(lam, lam + Np, lambda);
+  // dℓ/dΔ = Σ_n A·mu·a·G_prev + u·Σ_n mu·B, dℓ/du = Δ·Σ_n mu·B.
+  for (int64_t m = 0; m < M; ++m) {
+    sum_lane_blocks(parts_A_mu_decayed + m * K * kLanes, T, d_step + m * K);
+    sum_lane_blocks(parts_mu_B + m * K * kLanes, T, d_u + m * K);
+    for (int64_t k = m * K; k < m * K + T; ++k) {
+      d_step[k] += u[k] * d_u[k];
+      d_u[k] *= step[k];
+    }
+    acc_t part[kLanes];
+    std::copy(parts_w + m * kLanes, parts_w + (m + 1) * kLanes, part);
+    dw[m] += sum_lanes(part);
+  }
 }
 
 }  // namespace
@@ -490,7 +625,8 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
     const cpu::FlushDenormals flush_denormals;
     TaskScratch<acc_t> in(p);
     // G[row][Np]: the coupled state of each channel (padded states stay 0).
-    std::vector<acc_t> G(kRowsPerTask * Np), spare(Np), yhat(M * K), z(K), parts(M * K * kLanes);
+    std::vector<acc_t> G(kRowsPerTask * Np), spare(Np), zeros(Np, acc_t(0)), yhat(M * K), z(K),
+        parts(M * K * kLanes);
     for (int64_t task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
       in.start_task(p, task);
       const int64_t b = in.b, e0 = in.e0, rows = in.rows;
@@ -510,8 +646,8 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
           std::copy(state, state + N, &chunk_states[((b * s.dim + e) * s.n_chunks + c) * N]);
           in.template load_steps_of_row<input_t>(p, r, t0, T);
           scan_chunk_forward(M, Np, T, in.step.data(), in.drive.data(), in.w.data(), in.A_row(r),
-                             in.B_tile.data(), in.C_tile.data(), state, spare.data(), parts.data(),
-                             yhat.data());
+                             in.B_tile.data(), in.C_tile.data(), state, spare.data(), zeros.data(),
+                             parts.data(), yhat.data());
           // Pass 3: ŷ = Σ_n C·h + D·u, y = ŷ·silu(z).
           for (int64_t m = 0; m < M; ++m) {
             const int64_t out = ((m * s.batch + b) * s.dim + e) * L + t0;
@@ -538,16 +674,17 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
   });
 }
 
-// dst[m, n, t] += src[m, n, t] for m < M, n < N, t < T; strides (m, n, t) of each.
+// dst[m, n, t] += src[m, n, t] for m < M, n < N, t < T; strides (m, n) of each, t contiguous.
 template <typename acc_t>
-inline void add_planes(int64_t M, int64_t N, int64_t T, const acc_t* src,
-                       const std::array<int64_t, 3>& src_stride, acc_t* dst,
-                       const std::array<int64_t, 3>& dst_stride) {
+CM_VECTOR_CLONES void add_planes(int64_t M, int64_t N, int64_t T, const acc_t* src,
+                                 const std::array<int64_t, 2>& src_stride, acc_t* dst,
+                                 const std::array<int64_t, 2>& dst_stride) {
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t t = 0; t < T; ++t)
-        dst[m * dst_stride[0] + n * dst_stride[1] + t * dst_stride[2]] +=
-            src[m * src_stride[0] + n * src_stride[1] + t * src_stride[2]];
+    for (int64_t n = 0; n < N; ++n) {
+      const acc_t* __restrict s = src + m * src_stride[0] + n * src_stride[1];
+      acc_t* __restrict d = dst + m * dst_stride[0] + n * dst_stride[1];
+      for (int64_t t = 0; t < T; ++t) d[t] += s[t];
+    }
 }
 
 // Parts the backward's tasks are cut into, at most: enough for the threads of most machines
@@ -595,15 +732,17 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
   const int64_t n_parts = std::clamp<int64_t>(
       (n_tasks + parallel_grain(s) - 1) / parallel_grain(s), 1, kMaxBackwardParts);
   std::vector<PartSums<acc_t>> part_sums(n_parts);
-  // Strides over (m, n, t) of dB, dC (M, batch, N, L) and of a part's dB_first, dC_first.
-  const std::array<int64_t, 3> out_stride = {p.dBC_stride[0], p.dBC_stride[2], p.dBC_stride[3]};
-  const std::array<int64_t, 3> first_stride = {N * L, L, 1};
+  // Strides over (m, n) of dB, dC (M, batch, N, L) and of a part's dB_first, dC_first; t is
+  // contiguous in both (prepare_scan_backward allocates dB, dC contiguous).
+  const std::array<int64_t, 2> out_stride = {p.dBC_stride[0], p.dBC_stride[2]};
+  const std::array<int64_t, 2> first_stride = {N * L, L};
   std::atomic<int64_t> next_part{0};
   at::parallel_for(0, n_parts, 1, [&](int64_t, int64_t) {
     const cpu::FlushDenormals flush_denormals;
     TaskScratch<acc_t> in(p);
     // history[0]'s padded states stay 0 (only the first N are written from the saved states).
-    std::vector<acc_t> history((K + 1) * Np, acc_t(0)), decays(M * K * Np), spare(Np);
+    std::vector<acc_t> history((K + 1) * Np, acc_t(0)), decays(M * K * Np), spare(Np),
+        parts((2 * M * K + M) * kLanes);
     std::vector<acc_t> dyhat(M * K), d_step(M * K), d_u(M * K), z(K), y_ungated(K), dz(K);
     std::vector<acc_t> lambda(kRowsPerTask * Np), dA(kRowsPerTask * M * Np),
         dD(kRowsPerTask * M), dbias(kRowsPerTask * M), dB_tile(M * K * Np), dC_tile(M * K * Np);
@@ -658,8 +797,8 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
             scan_chunk_backward(M, Np, T, in.step.data(), in.u.data(), in.drive.data(),
                                 in.w.data(), dyhat.data(), in.A_row(r), in.B_tile.data(),
                                 in.C_tile.data(), history.data(), decays.data(), &lambda[r * Np],
-                                spare.data(), &dA[r * M * Np], dB_tile.data(), dC_tile.data(),
-                                sums.dw.data(), d_step.data(), d_u.data());
+                                spare.data(), parts.data(), &dA[r * M * Np], dB_tile.data(),
+                                dC_tile.data(), sums.dw.data(), d_step.data(), d_u.data());
             // Pass 3: du = Σ_n dℓ/du + dŷ·D, dδ = dℓ/dΔ · softplus'(δ + β); D and β gradients.
             for (int64_t m = 0; m < M; ++m) {
               const int64_t out = ((m * s.batch + b) * s.dim + e) * L + t0;
@@ -685,16 +824,17 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
                 for (const TensorArg* x : {&p.delta, &p.u, &p.dy, &p.z, &p.y_ungated})
                   prefetch_steps<input_t>(*x, m, b, e, t0 - K, K);
           }
-          // This chunk's dB, dC, summed over the task's channels: into the outputs, or into
-          // the part's own sums for a batch index the previous part has tasks of too.
-          const std::array<int64_t, 3> tile_stride = {K * Np, 1, Np};
-          if (b == sums.first_b) {
-            add_planes(M, N, T, dB_tile.data(), tile_stride, &sums.dB_first[t0], first_stride);
-            add_planes(M, N, T, dC_tile.data(), tile_stride, &sums.dC_first[t0], first_stride);
-          } else {
-            const int64_t at = b * p.dBC_stride[1] + t0 * p.dBC_stride[3];
-            add_planes(M, N, T, dB_tile.data(), tile_stride, dB_out + at, out_stride);
-            add_planes(M, N, T, dC_tile.data(), tile_stride, dC_out + at, out_stride);
+          // This chunk's dB, dC, summed over the task's channels, turned back to [m][n][t] and
+          // added into the outputs, or into the part's own sums for a batch index the
+          // previous part has tasks of too.
+          for (auto [tile, out, first] : {std::tuple{&dB_tile, dB_out, &sums.dB_first},
+                                          std::tuple{&dC_tile, dC_out, &sums.dC_first}}) {
+            const bool into_first = b == sums.first_b;
+            acc_t* at = into_first ? first->data() + t0 : out + b * p.dBC_stride[1] + t0;
+            const std::array<int64_t, 2>& stride = into_first ? first_stride : out_stride;
+            for (int64_t m = 0; m < M; ++m)
+              transpose_to_states<true>(&(*tile)[m * K * Np], Np, T, N, at + m * stride[0],
+                                        stride[1]);
           }
         }
         for (int64_t r = 0; r < rows; ++r) {
