@@ -16,13 +16,19 @@ import numpy as np
 import pytest
 import torch
 
+import coupled_mamba_ext
 from coupled_mamba_ext import plots
 from coupled_mamba_ext import train as training
 from coupled_mamba_ext.catalog import FUSIONS
 from coupled_mamba_ext.cli import main
 from coupled_mamba_ext.data import make_synthetic, write_synthetic
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Child processes import the package the tests import (the installed wheel under `make test`,
+# the source tree with PYTHONPATH=.), from a folder that does not hold the source tree.
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(coupled_mamba_ext.__file__)))
+CHILD_CWD = os.path.dirname(os.path.abspath(__file__))
+CHILD_ENV = {**os.environ,
+             "PYTHONPATH": PACKAGE_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 SIZES = {"train": 48, "valid": 16, "test": 16}
 TINY = ["--d-model", "8", "--n-layers", "1", "--d-state", "4", "--seq-len", "8",
         "--batch-size", "16", "--device", "cpu"]
@@ -38,10 +44,9 @@ def pickle_path(tmp_path_factory):
 def run_cli(*args, env_extra=None, prelude=""):
     """``python -m coupled_mamba_ext ARGS`` in a fresh process (``prelude``: Python run
     before the command, in the same process)."""
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env = {**CHILD_ENV, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     code = prelude + "\nimport sys\nfrom coupled_mamba_ext.cli import main\nsys.exit(main())"
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=CHILD_CWD,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -56,12 +61,12 @@ def test_help_does_not_import_torch():
         print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
         print(sorted(m for m in sys.modules if m.startswith("matplotlib")))
     """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": ROOT}, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], cwd=CHILD_CWD, capture_output=True, text=True,
+                         env=CHILD_ENV, check=True).stdout
     assert out.splitlines() == ["[]", "[]"]
     run = subprocess.run([sys.executable, "-m", "coupled_mamba_ext", "train", "--help"],
-                         cwd=ROOT, capture_output=True, text=True, env={**os.environ,
-                         "PYTHONPATH": ROOT, "PYTHONVERBOSE": "1"})
+                         cwd=CHILD_CWD, capture_output=True, text=True, env={**CHILD_ENV,
+                         "PYTHONVERBOSE": "1"})
     assert run.returncode == 0 and "--seeds" in run.stdout
     assert "import 'torch'" not in run.stderr  # -v lists every module imported
 
@@ -341,7 +346,7 @@ def test_a_folder_held_by_a_live_run_is_refused_and_a_dead_ones_taken_over(pickl
         [sys.executable, "-c", "import sys, time\nfrom coupled_mamba_ext.train import "
          "output_lock\nwith output_lock(sys.argv[1]):\n    print('held', flush=True)\n"
          "    time.sleep(60)", str(tmp_path)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, text=True)
+        cwd=CHILD_CWD, env=CHILD_ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         assert main(["train", "--data", pickle_path, "--out", str(tmp_path), *TINY]) == 2
@@ -448,7 +453,7 @@ def test_every_bad_input_is_one_line_and_status_2(pickle_path, tmp_path, capsys)
         assert "Traceback" not in captured.out + captured.err
     # The same through the process: `python -m coupled_mamba_ext` exits with status 2.
     run = subprocess.run([sys.executable, "-m", "coupled_mamba_ext", "eval", "--checkpoint",
-                          str(foreign), *data], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": ROOT})
+                          str(foreign), *data], cwd=CHILD_CWD, capture_output=True, text=True,
+                         env=CHILD_ENV)
     assert run.returncode == 2 and len(run.stderr.splitlines()) == 1, run.stderr
     assert "foreign.pt: not a file of coupled-mamba train" in run.stderr
