@@ -35,7 +35,8 @@
 namespace coupled_mamba {
 namespace {
 
-using cpu::exp_vec;
+using cpu::exp2_vec;
+using cpu::kLog2e;
 using cpu::sigmoid_vec;
 using cpu::softplus_vec;
 
@@ -424,9 +425,10 @@ struct TaskScratch {
 
 // Forward, one (m, t): h = a·G_prev + Δu·B per state, G_next = G_in + w·h (G_in is G_next
 // itself, or zeros for the first modality), and the lanes of Σ_n C·h into part_out.
+// dt_log2 = Δ/ln2: the decay a = exp(Δ·A) is exp2_vec((Δ/ln2)·A).
 template <typename acc_t>
 CM_INLINE_INTO_CLONES void forward_modality_step(
-    int64_t Np, acc_t dt, acc_t dr, acc_t wm, const acc_t* __restrict A,
+    int64_t Np, acc_t dt_log2, acc_t dr, acc_t wm, const acc_t* __restrict A,
     const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict G_prev,
     const acc_t* G_in, acc_t* G_next, acc_t* __restrict part_out, const cpu::ExpClamp& clamp) {
   // The lanes accumulate in part_out itself, held in registers through the loop over blocks
@@ -438,7 +440,7 @@ CM_INLINE_INTO_CLONES void forward_modality_step(
 #pragma omp simd
     for (int64_t j = 0; j < kLanes; ++j) {
       const int64_t n = n0 + j;
-      const acc_t h = modality_state(exp_vec(dt * A[n], clamp), G_prev[n], dr, B[n]);
+      const acc_t h = modality_state(exp2_vec(dt_log2 * A[n], clamp), G_prev[n], dr, B[n]);
       part_out[j] += C[n] * h;
       G_next[n] = G_in[n] + wm * h;
     }
@@ -457,14 +459,15 @@ CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
                                          const acc_t* __restrict B, const acc_t* __restrict C,
                                          acc_t* G, acc_t* spare, const acc_t* zeros,
                                          acc_t* __restrict parts, acc_t* __restrict yhat) {
-  const cpu::ExpClamp clamp = cpu::ExpClamp::opaque();
+  const cpu::ExpClamp clamp = cpu::opaque(cpu::kExp2Range);
   acc_t* G_prev = G;
   acc_t* G_next = spare;
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t m = 0; m < M; ++m) {
       const int64_t mt = m * K + t;
-      forward_modality_step(Np, step[mt], drive[mt], w[m], A + m * Np, B + mt * Np, C + mt * Np,
-                            G_prev, m == 0 ? zeros : G_next, G_next, parts + mt * kLanes, clamp);
+      forward_modality_step(Np, step[mt] * kLog2e<acc_t>, drive[mt], w[m], A + m * Np,
+                            B + mt * Np, C + mt * Np, G_prev, m == 0 ? zeros : G_next, G_next,
+                            parts + mt * kLanes, clamp);
     }
     std::swap(G_prev, G_next);
   }
@@ -472,17 +475,18 @@ CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
   for (int64_t m = 0; m < M; ++m) sum_lane_blocks(parts + m * K * kLanes, T, yhat + m * K);
 }
 
-// Backward's recomputation, one (m, t): the forward's state update, keeping the decays.
+// Backward's recomputation, one (m, t): the forward's state update, keeping the decays
+// (dt_log2 = Δ/ln2, as in forward_modality_step).
 template <bool kFirst, typename acc_t>
 CM_INLINE_INTO_CLONES void recompute_modality_step(
-    int64_t Np, acc_t dt, acc_t dr, acc_t wm, const acc_t* __restrict A,
+    int64_t Np, acc_t dt_log2, acc_t dr, acc_t wm, const acc_t* __restrict A,
     const acc_t* __restrict B, const acc_t* __restrict G_prev, acc_t* __restrict G_next,
     acc_t* __restrict decay_out, const cpu::ExpClamp& clamp) {
   for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
 #pragma omp simd
     for (int64_t j = 0; j < kLanes; ++j) {
       const int64_t n = n0 + j;
-      const acc_t decay = exp_vec(dt * A[n], clamp);
+      const acc_t decay = exp2_vec(dt_log2 * A[n], clamp);
       decay_out[n] = decay;
       const acc_t h = modality_state(decay, G_prev[n], dr, B[n]);
       G_next[n] = kFirst ? wm * h : G_next[n] + wm * h;
@@ -501,16 +505,17 @@ CM_VECTOR_CLONES void scan_chunk_recompute(int64_t M, int64_t Np, int64_t T,
                                            const acc_t* __restrict w, const acc_t* __restrict A,
                                            const acc_t* __restrict B, acc_t* __restrict history,
                                            acc_t* __restrict decays) {
-  const cpu::ExpClamp clamp = cpu::ExpClamp::opaque();
+  const cpu::ExpClamp clamp = cpu::opaque(cpu::kExp2Range);
   for (int64_t t = 0; t < T; ++t) {
     const acc_t* G_prev = history + t * Np;
     acc_t* G_next = history + (t + 1) * Np;
-    recompute_modality_step<true>(Np, step[t], drive[t], w[0], A, B + t * Np, G_prev, G_next,
-                                  decays + t * Np, clamp);
+    recompute_modality_step<true>(Np, step[t] * kLog2e<acc_t>, drive[t], w[0], A, B + t * Np,
+                                  G_prev, G_next, decays + t * Np, clamp);
     for (int64_t m = 1; m < M; ++m) {
       const int64_t mt = m * K + t;
-      recompute_modality_step<false>(Np, step[mt], drive[mt], w[m], A + m * Np, B + mt * Np,
-                                     G_prev, G_next, decays + mt * Np, clamp);
+      recompute_modality_step<false>(Np, step[mt] * kLog2e<acc_t>, drive[mt], w[m],
+                                     A + m * Np, B + mt * Np, G_prev, G_next, decays + mt * Np,
+                                     clamp);
     }
   }
 }
