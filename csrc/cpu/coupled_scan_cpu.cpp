@@ -423,28 +423,38 @@ struct TaskScratch {
 // (sum_lane_blocks): a reduction per (modality, step) cost more than the state loop's own
 // work at N = 64.
 
-// Forward, one (m, t): h = a·G_prev + Δu·B per state, G_next = G_in + w·h (G_in is G_next
-// itself, or zeros for the first modality), and the lanes of Σ_n C·h into part_out.
-// dt_log2 = Δ/ln2: the decay a = exp(Δ·A) is exp2_vec((Δ/ln2)·A).
+// Forward, states [n0, n0 + kLanes) of one (m, t): h = a·G_prev + Δu·B per state,
+// G_next = G_in + w·h (G_in is G_next itself, or zeros for the first modality), and C·h
+// added into the lanes part_out (written by the first block, kFirstBlock). dt_log2 = Δ/ln2:
+// the decay a = exp(Δ·A) is exp2_vec((Δ/ln2)·A).
+template <bool kFirstBlock, typename acc_t>
+CM_INLINE_INTO_CLONES void forward_state_block(
+    int64_t n0, acc_t dt_log2, acc_t dr, acc_t wm, const acc_t* __restrict A,
+    const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict G_prev,
+    const acc_t* G_in, acc_t* G_next, acc_t* __restrict part_out, const cpu::ExpClamp& clamp) {
+#pragma omp simd
+  for (int64_t j = 0; j < kLanes; ++j) {
+    const int64_t n = n0 + j;
+    const acc_t h = modality_state(exp2_vec(dt_log2 * A[n], clamp), G_prev[n], dr, B[n]);
+    part_out[j] = (kFirstBlock ? acc_t(0) : part_out[j]) + C[n] * h;
+    G_next[n] = G_in[n] + wm * h;
+  }
+}
+
+// Forward, one (m, t), over the Np states: the lanes of Σ_n C·h into part_out.
 template <typename acc_t>
 CM_INLINE_INTO_CLONES void forward_modality_step(
     int64_t Np, acc_t dt_log2, acc_t dr, acc_t wm, const acc_t* __restrict A,
     const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict G_prev,
     const acc_t* G_in, acc_t* G_next, acc_t* __restrict part_out, const cpu::ExpClamp& clamp) {
-  // The lanes accumulate in part_out itself, held in registers through the loop over blocks
-  // (and stored in each block): a local array instead is zeroed on the stack and copied out
-  // 16 bytes at a time by gcc, more instructions per (modality, step).
-#pragma omp simd
-  for (int64_t j = 0; j < kLanes; ++j) part_out[j] = 0;
-  for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
-#pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const int64_t n = n0 + j;
-      const acc_t h = modality_state(exp2_vec(dt_log2 * A[n], clamp), G_prev[n], dr, B[n]);
-      part_out[j] += C[n] * h;
-      G_next[n] = G_in[n] + wm * h;
-    }
-  }
+  // The lanes accumulate in part_out itself, which gcc holds in registers through the loop
+  // over blocks (and stores in each block); the first block writes them instead of zeroing
+  // them first (a local array instead is zeroed on the stack and copied out 16 bytes at a
+  // time by gcc).
+  forward_state_block<true>(0, dt_log2, dr, wm, A, B, C, G_prev, G_in, G_next, part_out, clamp);
+  for (int64_t n0 = kLanes; n0 < Np; n0 += kLanes)
+    forward_state_block<false>(n0, dt_log2, dr, wm, A, B, C, G_prev, G_in, G_next, part_out,
+                               clamp);
 }
 
 // Forward. G holds the coupled state at the chunk start on entry, at its end on return;
