@@ -530,11 +530,39 @@ CM_VECTOR_CLONES void scan_chunk_recompute(int64_t M, int64_t Np, int64_t T,
   }
 }
 
-// Backward, one (m, t), given λ = dℓ/dG[t] (lam): mu = dℓ/dh = dŷ·C + w·λ per state
-// (modality_state_grad_factored: the factors that do not depend on n are applied after the
-// sums over states). Adds into dA, dB, dC and λ_prev = dℓ/dG[t - 1] (written by kFirst),
-// writes the lanes of Σ_n A·mu·a·G_prev and Σ_n mu·B to the two part_* outputs, and adds
-// the lanes of Σ_n λ·h into part_w.
+// Backward, states [n0, n0 + kLanes) of one (m, t), given λ = dℓ/dG[t] (lam): mu = dℓ/dh =
+// dŷ·C + w·λ per state (modality_state_grad_factored: the factors that do not depend on n
+// are applied after the sums over states). Adds into dA, dB, dC and λ_prev = dℓ/dG[t - 1]
+// (written by kFirst, the first modality), adds A·mu·a·G_prev and mu·B into the lanes
+// part_A_mu_decayed and part_mu_B (written by kFirstBlock, the first block), and λ·h into
+// the lanes part_w.
+template <bool kFirst, bool kFirstBlock, typename acc_t>
+CM_INLINE_INTO_CLONES void backward_state_block(
+    int64_t n0, acc_t dt, acc_t dr, acc_t dy, acc_t wm, const acc_t* __restrict A,
+    const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict decay,
+    const acc_t* __restrict G_prev, const acc_t* __restrict lam, acc_t* __restrict lam_prev,
+    acc_t* __restrict dA, acc_t* __restrict dB, acc_t* __restrict dC,
+    acc_t* __restrict part_A_mu_decayed, acc_t* __restrict part_mu_B,
+    acc_t* __restrict part_w) {
+#pragma omp simd
+  for (int64_t j = 0; j < kLanes; ++j) {
+    const int64_t n = n0 + j;
+    const acc_t h = modality_state(decay[n], G_prev[n], dr, B[n]);
+    const acc_t mu = dy * C[n] + wm * lam[n];
+    const FactoredStateGrad<acc_t> g =
+        modality_state_grad_factored(mu, decay[n], G_prev[n], dr, B[n]);
+    part_A_mu_decayed[j] = (kFirstBlock ? acc_t(0) : part_A_mu_decayed[j]) + A[n] * g.mu_decayed;
+    part_mu_B[j] = (kFirstBlock ? acc_t(0) : part_mu_B[j]) + g.mu_B;
+    part_w[j] += lam[n] * h;
+    dA[n] += dt * g.mu_decayed;
+    dB[n] += g.d_B;
+    dC[n] += dy * h;
+    lam_prev[n] = kFirst ? g.d_coupled_prev : lam_prev[n] + g.d_coupled_prev;
+  }
+}
+
+// Backward, one (m, t), over the Np states (backward_state_block): the lanes of
+// Σ_n A·mu·a·G_prev and Σ_n mu·B into the two part_* outputs.
 template <bool kFirst, typename acc_t>
 CM_INLINE_INTO_CLONES void backward_modality_step(
     int64_t Np, acc_t dt, acc_t dr, acc_t dy, acc_t wm, const acc_t* __restrict A,
@@ -544,28 +572,12 @@ CM_INLINE_INTO_CLONES void backward_modality_step(
     acc_t* __restrict part_A_mu_decayed_out, acc_t* __restrict part_mu_B_out,
     acc_t* __restrict part_w) {
   // As in forward_modality_step, the lanes accumulate in the outputs themselves.
-#pragma omp simd
-  for (int64_t j = 0; j < kLanes; ++j) {
-    part_A_mu_decayed_out[j] = 0;
-    part_mu_B_out[j] = 0;
-  }
-  for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
-#pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const int64_t n = n0 + j;
-      const acc_t h = modality_state(decay[n], G_prev[n], dr, B[n]);
-      const acc_t mu = dy * C[n] + wm * lam[n];
-      const FactoredStateGrad<acc_t> g =
-          modality_state_grad_factored(mu, decay[n], G_prev[n], dr, B[n]);
-      part_A_mu_decayed_out[j] += A[n] * g.mu_decayed;
-      part_mu_B_out[j] += g.mu_B;
-      part_w[j] += lam[n] * h;
-      dA[n] += dt * g.mu_decayed;
-      dB[n] += g.d_B;
-      dC[n] += dy * h;
-      lam_prev[n] = kFirst ? g.d_coupled_prev : lam_prev[n] + g.d_coupled_prev;
-    }
-  }
+  backward_state_block<kFirst, true>(0, dt, dr, dy, wm, A, B, C, decay, G_prev, lam, lam_prev,
+                                     dA, dB, dC, part_A_mu_decayed_out, part_mu_B_out, part_w);
+  for (int64_t n0 = kLanes; n0 < Np; n0 += kLanes)
+    backward_state_block<kFirst, false>(n0, dt, dr, dy, wm, A, B, C, decay, G_prev, lam,
+                                        lam_prev, dA, dB, dC, part_A_mu_decayed_out,
+                                        part_mu_B_out, part_w);
 }
 
 // Backward. lambda holds dℓ/dG at the chunk's last step on entry and dℓ/dG just before the
