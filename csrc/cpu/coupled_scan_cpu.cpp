@@ -71,6 +71,23 @@ constexpr int64_t K = kChunkLen;
 constexpr int64_t kLanes = 16;
 inline int64_t padded_states(int64_t N) { return (N + kLanes - 1) / kLanes * kLanes; }
 
+// Calls f(Np) with the padded state count as a compile-time constant (a
+// std::integral_constant) where it is at most 4·kLanes, as an int64_t above: with a constant
+// count gcc unrolls the loops over state blocks completely (their `GCC unroll 4`), which
+// leaves fewer instructions per (modality, step) in the forward and the recomputation. The
+// backward's state loop, unrolled, counted more (its many live pointers and sums spill), so
+// it takes Np as an int64_t.
+template <typename F>
+void with_state_count(int64_t Np, F&& f) {
+  switch (Np) {
+    case kLanes: return f(std::integral_constant<int64_t, kLanes>{});
+    case 2 * kLanes: return f(std::integral_constant<int64_t, 2 * kLanes>{});
+    case 3 * kLanes: return f(std::integral_constant<int64_t, 3 * kLanes>{});
+    case 4 * kLanes: return f(std::integral_constant<int64_t, 4 * kLanes>{});
+    default: return f(Np);
+  }
+}
+
 // Tasks per thread, so that each thread gets at least ~2^18 (modality, step, state)
 // elements: below that, waking the OpenMP team costs more than the work.
 inline int64_t parallel_grain(const ScanShape& s) {
@@ -442,9 +459,9 @@ CM_INLINE_INTO_CLONES void forward_state_block(
 }
 
 // Forward, one (m, t), over the Np states: the lanes of Σ_n C·h into part_out.
-template <typename acc_t>
+template <typename acc_t, typename States>
 CM_INLINE_INTO_CLONES void forward_modality_step(
-    int64_t Np, acc_t dt_log2, acc_t dr, acc_t wm, const acc_t* __restrict A,
+    States Np, acc_t dt_log2, acc_t dr, acc_t wm, const acc_t* __restrict A,
     const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict G_prev,
     const acc_t* G_in, acc_t* G_next, acc_t* __restrict part_out, const cpu::ExpClamp& clamp) {
   // The lanes accumulate in part_out itself, which gcc holds in registers through the loop
@@ -452,6 +469,7 @@ CM_INLINE_INTO_CLONES void forward_modality_step(
   // them first (a local array instead is zeroed on the stack and copied out 16 bytes at a
   // time by gcc).
   forward_state_block<true>(0, dt_log2, dr, wm, A, B, C, G_prev, G_in, G_next, part_out, clamp);
+#pragma GCC unroll 4
   for (int64_t n0 = kLanes; n0 < Np; n0 += kLanes)
     forward_state_block<false>(n0, dt_log2, dr, wm, A, B, C, G_prev, G_in, G_next, part_out,
                                clamp);
@@ -461,8 +479,8 @@ CM_INLINE_INTO_CLONES void forward_modality_step(
 // spare is Np values of scratch, zeros Np zeros; parts is M·K·kLanes values of scratch.
 // yhat[m][t] = Σ_n C·h_m (without the D·u term). The decays exp(Δ·A) are computed in the
 // loop, not read from a buffer: a chunk's decays do not fit in L1 next to its B and C.
-template <typename acc_t>
-CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
+template <typename acc_t, typename States>
+CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, States Np, int64_t T,
                                          const acc_t* __restrict step,
                                          const acc_t* __restrict drive,
                                          const acc_t* __restrict w, const acc_t* __restrict A,
@@ -487,11 +505,12 @@ CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
 
 // Backward's recomputation, one (m, t): the forward's state update, keeping the decays
 // (dt_log2 = Δ/ln2, as in forward_modality_step).
-template <bool kFirst, typename acc_t>
+template <bool kFirst, typename acc_t, typename States>
 CM_INLINE_INTO_CLONES void recompute_modality_step(
-    int64_t Np, acc_t dt_log2, acc_t dr, acc_t wm, const acc_t* __restrict A,
+    States Np, acc_t dt_log2, acc_t dr, acc_t wm, const acc_t* __restrict A,
     const acc_t* __restrict B, const acc_t* __restrict G_prev, acc_t* __restrict G_next,
     acc_t* __restrict decay_out, const cpu::ExpClamp& clamp) {
+#pragma GCC unroll 4
   for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
 #pragma omp simd
     for (int64_t j = 0; j < kLanes; ++j) {
@@ -508,8 +527,8 @@ CM_INLINE_INTO_CLONES void recompute_modality_step(
 // [0, T] (history[0] holds the chunk start on entry; history[T], the next chunk's saved
 // start, is a by-product), and decays[m][t] = exp(Δ[m,t]·A[m]), which the backward pass
 // reads.
-template <typename acc_t>
-CM_VECTOR_CLONES void scan_chunk_recompute(int64_t M, int64_t Np, int64_t T,
+template <typename acc_t, typename States>
+CM_VECTOR_CLONES void scan_chunk_recompute(int64_t M, States Np, int64_t T,
                                            const acc_t* __restrict step,
                                            const acc_t* __restrict drive,
                                            const acc_t* __restrict w, const acc_t* __restrict A,
@@ -672,9 +691,11 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
           acc_t* state = &G[r * Np];
           std::copy(state, state + N, &chunk_states[((b * s.dim + e) * s.n_chunks + c) * N]);
           in.template load_steps_of_row<input_t>(p, r, t0, T);
-          scan_chunk_forward(M, Np, T, in.step.data(), in.drive.data(), in.w.data(), in.A_row(r),
-                             in.B_tile.data(), in.C_tile.data(), state, spare.data(), zeros.data(),
-                             parts.data(), yhat.data());
+          with_state_count(Np, [&](auto states) {
+            scan_chunk_forward(M, states, T, in.step.data(), in.drive.data(), in.w.data(),
+                               in.A_row(r), in.B_tile.data(), in.C_tile.data(), state,
+                               spare.data(), zeros.data(), parts.data(), yhat.data());
+          });
           // Pass 3: ŷ = Σ_n C·h + D·u, y = ŷ·silu(z).
           for (int64_t m = 0; m < M; ++m) {
             const int64_t out = ((m * s.batch + b) * s.dim + e) * L + t0;
@@ -819,8 +840,10 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
             }
             // Pass 2: recompute the chunk from its saved start, then walk it backwards.
             for (int64_t n = 0; n < N; ++n) history[n] = ptr4<acc_t>(p.chunk_states, b, e, c, n)[0];
-            scan_chunk_recompute(M, Np, T, in.step.data(), in.drive.data(), in.w.data(),
-                                 in.A_row(r), in.B_tile.data(), history.data(), decays.data());
+            with_state_count(Np, [&](auto states) {
+              scan_chunk_recompute(M, states, T, in.step.data(), in.drive.data(), in.w.data(),
+                                   in.A_row(r), in.B_tile.data(), history.data(), decays.data());
+            });
             scan_chunk_backward(M, Np, T, in.step.data(), in.u.data(), in.drive.data(),
                                 in.w.data(), dyhat.data(), in.A_row(r), in.B_tile.data(),
                                 in.C_tile.data(), history.data(), decays.data(), &lambda[r * Np],
