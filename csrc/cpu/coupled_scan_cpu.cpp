@@ -600,7 +600,8 @@ CM_INLINE_INTO_CLONES void backward_modality_step(
 }
 
 // Backward. lambda holds dℓ/dG at the chunk's last step on entry and dℓ/dG just before the
-// chunk on return; spare is Np values of scratch, parts (2·M·K + M)·kLanes. The per-state
+// chunk on return; spare is Np values of scratch; parts_A_mu_decayed and parts_mu_B
+// (M·K·kLanes each) and parts_w (M·kLanes) hold the lane sums. The per-state
 // gradients go to dA [m][Np], dB and dC, the sums over states of dℓ/dw to dw [m] and of
 // dℓ/dΔ and dℓ/du to d_step, d_u.
 template <typename acc_t>
@@ -609,11 +610,9 @@ CM_VECTOR_CLONES void scan_chunk_backward(
     const acc_t* __restrict drive, const acc_t* __restrict w, const acc_t* __restrict dyhat,
     const acc_t* __restrict A, const acc_t* __restrict B, const acc_t* __restrict C,
     const acc_t* __restrict history, const acc_t* __restrict decays, acc_t* lambda, acc_t* spare,
-    acc_t* __restrict parts, acc_t* __restrict dA, acc_t* __restrict dB, acc_t* __restrict dC,
+    acc_t* __restrict parts_A_mu_decayed, acc_t* __restrict parts_mu_B,
+    acc_t* __restrict parts_w, acc_t* __restrict dA, acc_t* __restrict dB, acc_t* __restrict dC,
     acc_t* __restrict dw, acc_t* __restrict d_step, acc_t* __restrict d_u) {
-  acc_t* parts_A_mu_decayed = parts;            // [m][t][kLanes]
-  acc_t* parts_mu_B = parts + M * K * kLanes;   // [m][t][kLanes]
-  acc_t* parts_w = parts + 2 * M * K * kLanes;  // [m][kLanes], over the chunk's steps
   std::fill(parts_w, parts_w + M * kLanes, acc_t(0));
   acc_t* lam = lambda;
   acc_t* lam_prev = spare;
@@ -790,7 +789,7 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
     TaskScratch<acc_t> in(p);
     // history[0]'s padded states stay 0 (only the first N are written from the saved states).
     std::vector<acc_t> history((K + 1) * Np, acc_t(0)), decays(M * K * Np), spare(Np),
-        parts((2 * M * K + M) * kLanes);
+        parts_A_mu_decayed(M * K * kLanes), parts_mu_B(M * K * kLanes), parts_w(M * kLanes);
     std::vector<acc_t> dyhat(M * K), d_step(M * K), d_u(M * K), z(K), y_ungated(K), dz(K);
     std::vector<acc_t> lambda(kRowsPerTask * Np), dA(kRowsPerTask * M * Np),
         dD(kRowsPerTask * M), dbias(kRowsPerTask * M), dB_tile(M * K * Np), dC_tile(M * K * Np);
@@ -847,7 +846,8 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
             scan_chunk_backward(M, Np, T, in.step.data(), in.u.data(), in.drive.data(),
                                 in.w.data(), dyhat.data(), in.A_row(r), in.B_tile.data(),
                                 in.C_tile.data(), history.data(), decays.data(), &lambda[r * Np],
-                                spare.data(), parts.data(), &dA[r * M * Np], dB_tile.data(),
+                                spare.data(), parts_A_mu_decayed.data(), parts_mu_B.data(),
+                                parts_w.data(), &dA[r * M * Np], dB_tile.data(),
                                 dC_tile.data(), sums.dw.data(), d_step.data(), d_u.data());
             // Pass 3: du = Σ_n dℓ/du + dŷ·D, dδ = dℓ/dΔ · softplus'(δ + β); D and β gradients.
             for (int64_t m = 0; m < M; ++m) {
