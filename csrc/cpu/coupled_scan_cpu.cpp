@@ -73,10 +73,10 @@ inline int64_t padded_states(int64_t N) { return (N + kLanes - 1) / kLanes * kLa
 
 // Calls f(Np) with the padded state count as a compile-time constant (a
 // std::integral_constant) where it is at most 4·kLanes, as an int64_t above: with a constant
-// count gcc unrolls the loops over state blocks completely (their `GCC unroll 4`), which
-// leaves fewer instructions per (modality, step) in the forward and the recomputation. The
-// backward's state loop, unrolled, counted more (its many live pointers and sums spill), so
-// it takes Np as an int64_t.
+// count gcc unrolls the loops over state blocks completely, which leaves fewer instructions
+// per (modality, step) in the forward and the recomputation. The backward's state loop,
+// unrolled, counted more (its many live pointers and sums spill), so it takes Np as an
+// int64_t.
 template <typename F>
 void with_state_count(int64_t Np, F&& f) {
   switch (Np) {
@@ -433,50 +433,50 @@ struct TaskScratch {
 //
 // Each (modality, step) is one call of a *_modality_step helper (inlined) over the Np states
 // in blocks of kLanes. The first modality of a step writes the next coupled state (or λ)
-// where the others add to it. The forward reads zeros in place of the sum so far for it (one
-// loop nest for all modalities: the fewest instructions there); the backward's two passes
-// compile it apart (kFirst), which counted fewer in them. Sums over states are kept in
+// where the others add to it: each pass compiles it apart (kFirst), so that every pointer
+// of a state loop can be restrict and nothing is read for the first modality. Sums over
+// states are kept in
 // kLanes lanes, written out per (modality, step) and reduced after the chunk, 16 at a time
 // (sum_lane_blocks): a reduction per (modality, step) cost more than the state loop's own
 // work at N = 64.
 
 // Forward, states [n0, n0 + kLanes) of one (m, t): h = a·G_prev + Δu·B per state,
-// G_next = G_in + w·h (G_in is G_next itself, or zeros for the first modality), and C·h
-// added into the lanes part_out (written by the first block, kFirstBlock). dt_log2 = Δ/ln2:
+// G_next += w·h (G_next = w·h for the first modality, kFirst), and C·h added into the lanes
+// part_out (written by the first block, kFirstBlock). dt_log2 = Δ/ln2:
 // the decay a = exp(Δ·A) is exp2_vec((Δ/ln2)·A).
-template <bool kFirstBlock, typename acc_t>
+template <bool kFirst, bool kFirstBlock, typename acc_t>
 CM_INLINE_INTO_CLONES void forward_state_block(
     int64_t n0, acc_t dt_log2, acc_t dr, acc_t wm, const acc_t* __restrict A,
     const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict G_prev,
-    const acc_t* G_in, acc_t* G_next, acc_t* __restrict part_out, const cpu::ExpClamp& clamp) {
+    acc_t* __restrict G_next, acc_t* __restrict part_out, const cpu::ExpClamp& clamp) {
 #pragma omp simd
   for (int64_t j = 0; j < kLanes; ++j) {
     const int64_t n = n0 + j;
     const acc_t h = modality_state(exp2_vec(dt_log2 * A[n], clamp), G_prev[n], dr, B[n]);
     part_out[j] = (kFirstBlock ? acc_t(0) : part_out[j]) + C[n] * h;
-    G_next[n] = G_in[n] + wm * h;
+    G_next[n] = kFirst ? wm * h : G_next[n] + wm * h;
   }
 }
 
 // Forward, one (m, t), over the Np states: the lanes of Σ_n C·h into part_out.
-template <typename acc_t, typename States>
+template <bool kFirst, typename acc_t, typename States>
 CM_INLINE_INTO_CLONES void forward_modality_step(
     States Np, acc_t dt_log2, acc_t dr, acc_t wm, const acc_t* __restrict A,
     const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict G_prev,
-    const acc_t* G_in, acc_t* G_next, acc_t* __restrict part_out, const cpu::ExpClamp& clamp) {
+    acc_t* __restrict G_next, acc_t* __restrict part_out, const cpu::ExpClamp& clamp) {
   // The lanes accumulate in part_out itself, which gcc holds in registers through the loop
   // over blocks (and stores in each block); the first block writes them instead of zeroing
   // them first (a local array instead is zeroed on the stack and copied out 16 bytes at a
   // time by gcc).
-  forward_state_block<true>(0, dt_log2, dr, wm, A, B, C, G_prev, G_in, G_next, part_out, clamp);
-#pragma GCC unroll 4
+  forward_state_block<kFirst, true>(0, dt_log2, dr, wm, A, B, C, G_prev, G_next, part_out,
+                                    clamp);
   for (int64_t n0 = kLanes; n0 < Np; n0 += kLanes)
-    forward_state_block<false>(n0, dt_log2, dr, wm, A, B, C, G_prev, G_in, G_next, part_out,
-                               clamp);
+    forward_state_block<kFirst, false>(n0, dt_log2, dr, wm, A, B, C, G_prev, G_next, part_out,
+                                       clamp);
 }
 
 // Forward. G holds the coupled state at the chunk start on entry, at its end on return;
-// spare is Np values of scratch, zeros Np zeros; parts is M·K·kLanes values of scratch.
+// spare is Np values of scratch; parts is M·K·kLanes values of scratch.
 // yhat[m][t] = Σ_n C·h_m (without the D·u term). The decays exp(Δ·A) are computed in the
 // loop, not read from a buffer: a chunk's decays do not fit in L1 next to its B and C.
 template <typename acc_t, typename States>
@@ -485,17 +485,19 @@ CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, States Np, int64_t T,
                                          const acc_t* __restrict drive,
                                          const acc_t* __restrict w, const acc_t* __restrict A,
                                          const acc_t* __restrict B, const acc_t* __restrict C,
-                                         acc_t* G, acc_t* spare, const acc_t* zeros,
-                                         acc_t* __restrict parts, acc_t* __restrict yhat) {
+                                         acc_t* G, acc_t* spare, acc_t* __restrict parts,
+                                         acc_t* __restrict yhat) {
   const cpu::ExpClamp clamp = cpu::opaque(cpu::kExp2Range);
   acc_t* G_prev = G;
   acc_t* G_next = spare;
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t m = 0; m < M; ++m) {
+    forward_modality_step<true>(Np, step[t] * kLog2e<acc_t>, drive[t], w[0], A, B + t * Np,
+                                C + t * Np, G_prev, G_next, parts + t * kLanes, clamp);
+    for (int64_t m = 1; m < M; ++m) {
       const int64_t mt = m * K + t;
-      forward_modality_step(Np, step[mt] * kLog2e<acc_t>, drive[mt], w[m], A + m * Np,
-                            B + mt * Np, C + mt * Np, G_prev, m == 0 ? zeros : G_next, G_next,
-                            parts + mt * kLanes, clamp);
+      forward_modality_step<false>(Np, step[mt] * kLog2e<acc_t>, drive[mt], w[m], A + m * Np,
+                                   B + mt * Np, C + mt * Np, G_prev, G_next, parts + mt * kLanes,
+                                   clamp);
     }
     std::swap(G_prev, G_next);
   }
@@ -510,7 +512,6 @@ CM_INLINE_INTO_CLONES void recompute_modality_step(
     States Np, acc_t dt_log2, acc_t dr, acc_t wm, const acc_t* __restrict A,
     const acc_t* __restrict B, const acc_t* __restrict G_prev, acc_t* __restrict G_next,
     acc_t* __restrict decay_out, const cpu::ExpClamp& clamp) {
-#pragma GCC unroll 4
   for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
 #pragma omp simd
     for (int64_t j = 0; j < kLanes; ++j) {
@@ -670,8 +671,7 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
     const cpu::FlushDenormals flush_denormals;
     TaskScratch<acc_t> in(p);
     // G[row][Np]: the coupled state of each channel (padded states stay 0).
-    std::vector<acc_t> G(kRowsPerTask * Np), spare(Np), zeros(Np, acc_t(0)), yhat(M * K), z(K),
-        parts(M * K * kLanes);
+    std::vector<acc_t> G(kRowsPerTask * Np), spare(Np), yhat(M * K), z(K), parts(M * K * kLanes);
     for (int64_t task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
       in.start_task(p, task);
       const int64_t b = in.b, e0 = in.e0, rows = in.rows;
@@ -693,7 +693,7 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
           with_state_count(Np, [&](auto states) {
             scan_chunk_forward(M, states, T, in.step.data(), in.drive.data(), in.w.data(),
                                in.A_row(r), in.B_tile.data(), in.C_tile.data(), state,
-                               spare.data(), zeros.data(), parts.data(), yhat.data());
+                               spare.data(), parts.data(), yhat.data());
           });
           // Pass 3: ŷ = Σ_n C·h + D·u, y = ŷ·silu(z).
           for (int64_t m = 0; m < M; ++m) {
