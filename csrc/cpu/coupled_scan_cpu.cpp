@@ -35,7 +35,8 @@
 namespace coupled_mamba {
 namespace {
 
-using cpu::exp_vec;
+using cpu::exp2_vec;
+using cpu::kLog2e;
 using cpu::sigmoid_vec;
 using cpu::softplus_vec;
 
@@ -69,6 +70,23 @@ constexpr int64_t K = kChunkLen;
 // docs/api.md, "Non-finite inputs".)
 constexpr int64_t kLanes = 16;
 inline int64_t padded_states(int64_t N) { return (N + kLanes - 1) / kLanes * kLanes; }
+
+// Calls f(Np) with the padded state count as a compile-time constant (a
+// std::integral_constant) where it is at most 4·kLanes, as an int64_t above: with a constant
+// count gcc unrolls the loops over state blocks completely, which leaves fewer instructions
+// per (modality, step) in the forward and the recomputation. The backward's state loop,
+// unrolled, counted more (its many live pointers and sums spill), so it takes Np as an
+// int64_t.
+template <typename F>
+void with_state_count(int64_t Np, F&& f) {
+  switch (Np) {
+    case kLanes: return f(std::integral_constant<int64_t, kLanes>{});
+    case 2 * kLanes: return f(std::integral_constant<int64_t, 2 * kLanes>{});
+    case 3 * kLanes: return f(std::integral_constant<int64_t, 3 * kLanes>{});
+    case 4 * kLanes: return f(std::integral_constant<int64_t, 4 * kLanes>{});
+    default: return f(Np);
+  }
+}
 
 // Tasks per thread, so that each thread gets at least ~2^18 (modality, step, state)
 // elements: below that, waking the OpenMP team costs more than the work.
@@ -415,56 +433,71 @@ struct TaskScratch {
 //
 // Each (modality, step) is one call of a *_modality_step helper (inlined) over the Np states
 // in blocks of kLanes. The first modality of a step writes the next coupled state (or λ)
-// where the others add to it. The forward reads zeros in place of the sum so far for it (one
-// loop nest for all modalities: the fewest instructions there); the backward's two passes
-// compile it apart (kFirst), which counted fewer in them. Sums over states are kept in
+// where the others add to it: each pass compiles it apart (kFirst), so that every pointer
+// of a state loop can be restrict and nothing is read for the first modality. Sums over
+// states are kept in
 // kLanes lanes, written out per (modality, step) and reduced after the chunk, 16 at a time
 // (sum_lane_blocks): a reduction per (modality, step) cost more than the state loop's own
 // work at N = 64.
 
-// Forward, one (m, t): h = a·G_prev + Δu·B per state, G_next = G_in + w·h (G_in is G_next
-// itself, or zeros for the first modality), and the lanes of Σ_n C·h into part_out.
-template <typename acc_t>
-CM_INLINE_INTO_CLONES void forward_modality_step(
-    int64_t Np, acc_t dt, acc_t dr, acc_t wm, const acc_t* __restrict A,
+// Forward, states [n0, n0 + kLanes) of one (m, t): h = a·G_prev + Δu·B per state,
+// G_next += w·h (G_next = w·h for the first modality, kFirst), and C·h added into the lanes
+// part_out (written by the first block, kFirstBlock). dt_log2 = Δ/ln2:
+// the decay a = exp(Δ·A) is exp2_vec((Δ/ln2)·A).
+template <bool kFirst, bool kFirstBlock, typename acc_t>
+CM_INLINE_INTO_CLONES void forward_state_block(
+    int64_t n0, acc_t dt_log2, acc_t dr, acc_t wm, const acc_t* __restrict A,
     const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict G_prev,
-    const acc_t* G_in, acc_t* G_next, acc_t* __restrict part_out, const cpu::ExpClamp& clamp) {
-  // The lanes accumulate in part_out itself, held in registers through the loop over blocks
-  // (and stored in each block): a local array instead is zeroed on the stack and copied out
-  // 16 bytes at a time by gcc, more instructions per (modality, step).
+    acc_t* __restrict G_next, acc_t* __restrict part_out, const cpu::ExpClamp& clamp) {
 #pragma omp simd
-  for (int64_t j = 0; j < kLanes; ++j) part_out[j] = 0;
-  for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
-#pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const int64_t n = n0 + j;
-      const acc_t h = modality_state(exp_vec(dt * A[n], clamp), G_prev[n], dr, B[n]);
-      part_out[j] += C[n] * h;
-      G_next[n] = G_in[n] + wm * h;
-    }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    const int64_t n = n0 + j;
+    const acc_t h = modality_state(exp2_vec(dt_log2 * A[n], clamp), G_prev[n], dr, B[n]);
+    part_out[j] = (kFirstBlock ? acc_t(0) : part_out[j]) + C[n] * h;
+    G_next[n] = kFirst ? wm * h : G_next[n] + wm * h;
   }
 }
 
+// Forward, one (m, t), over the Np states: the lanes of Σ_n C·h into part_out.
+template <bool kFirst, typename acc_t, typename States>
+CM_INLINE_INTO_CLONES void forward_modality_step(
+    States Np, acc_t dt_log2, acc_t dr, acc_t wm, const acc_t* __restrict A,
+    const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict G_prev,
+    acc_t* __restrict G_next, acc_t* __restrict part_out, const cpu::ExpClamp& clamp) {
+  // The lanes accumulate in part_out itself, which gcc holds in registers through the loop
+  // over blocks (and stores in each block); the first block writes them instead of zeroing
+  // them first (a local array instead is zeroed on the stack and copied out 16 bytes at a
+  // time by gcc).
+  forward_state_block<kFirst, true>(0, dt_log2, dr, wm, A, B, C, G_prev, G_next, part_out,
+                                    clamp);
+  for (int64_t n0 = kLanes; n0 < Np; n0 += kLanes)
+    forward_state_block<kFirst, false>(n0, dt_log2, dr, wm, A, B, C, G_prev, G_next, part_out,
+                                       clamp);
+}
+
 // Forward. G holds the coupled state at the chunk start on entry, at its end on return;
-// spare is Np values of scratch, zeros Np zeros; parts is M·K·kLanes values of scratch.
+// spare is Np values of scratch; parts is M·K·kLanes values of scratch.
 // yhat[m][t] = Σ_n C·h_m (without the D·u term). The decays exp(Δ·A) are computed in the
 // loop, not read from a buffer: a chunk's decays do not fit in L1 next to its B and C.
-template <typename acc_t>
-CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
+template <typename acc_t, typename States>
+CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, States Np, int64_t T,
                                          const acc_t* __restrict step,
                                          const acc_t* __restrict drive,
                                          const acc_t* __restrict w, const acc_t* __restrict A,
                                          const acc_t* __restrict B, const acc_t* __restrict C,
-                                         acc_t* G, acc_t* spare, const acc_t* zeros,
-                                         acc_t* __restrict parts, acc_t* __restrict yhat) {
-  const cpu::ExpClamp clamp = cpu::ExpClamp::opaque();
+                                         acc_t* G, acc_t* spare, acc_t* __restrict parts,
+                                         acc_t* __restrict yhat) {
+  const cpu::ExpClamp clamp = cpu::opaque(cpu::kExp2Range);
   acc_t* G_prev = G;
   acc_t* G_next = spare;
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t m = 0; m < M; ++m) {
+    forward_modality_step<true>(Np, step[t] * kLog2e<acc_t>, drive[t], w[0], A, B + t * Np,
+                                C + t * Np, G_prev, G_next, parts + t * kLanes, clamp);
+    for (int64_t m = 1; m < M; ++m) {
       const int64_t mt = m * K + t;
-      forward_modality_step(Np, step[mt], drive[mt], w[m], A + m * Np, B + mt * Np, C + mt * Np,
-                            G_prev, m == 0 ? zeros : G_next, G_next, parts + mt * kLanes, clamp);
+      forward_modality_step<false>(Np, step[mt] * kLog2e<acc_t>, drive[mt], w[m], A + m * Np,
+                                   B + mt * Np, C + mt * Np, G_prev, G_next, parts + mt * kLanes,
+                                   clamp);
     }
     std::swap(G_prev, G_next);
   }
@@ -472,17 +505,18 @@ CM_VECTOR_CLONES void scan_chunk_forward(int64_t M, int64_t Np, int64_t T,
   for (int64_t m = 0; m < M; ++m) sum_lane_blocks(parts + m * K * kLanes, T, yhat + m * K);
 }
 
-// Backward's recomputation, one (m, t): the forward's state update, keeping the decays.
-template <bool kFirst, typename acc_t>
+// Backward's recomputation, one (m, t): the forward's state update, keeping the decays
+// (dt_log2 = Δ/ln2, as in forward_modality_step).
+template <bool kFirst, typename acc_t, typename States>
 CM_INLINE_INTO_CLONES void recompute_modality_step(
-    int64_t Np, acc_t dt, acc_t dr, acc_t wm, const acc_t* __restrict A,
+    States Np, acc_t dt_log2, acc_t dr, acc_t wm, const acc_t* __restrict A,
     const acc_t* __restrict B, const acc_t* __restrict G_prev, acc_t* __restrict G_next,
     acc_t* __restrict decay_out, const cpu::ExpClamp& clamp) {
   for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
 #pragma omp simd
     for (int64_t j = 0; j < kLanes; ++j) {
       const int64_t n = n0 + j;
-      const acc_t decay = exp_vec(dt * A[n], clamp);
+      const acc_t decay = exp2_vec(dt_log2 * A[n], clamp);
       decay_out[n] = decay;
       const acc_t h = modality_state(decay, G_prev[n], dr, B[n]);
       G_next[n] = kFirst ? wm * h : G_next[n] + wm * h;
@@ -494,32 +528,61 @@ CM_INLINE_INTO_CLONES void recompute_modality_step(
 // [0, T] (history[0] holds the chunk start on entry; history[T], the next chunk's saved
 // start, is a by-product), and decays[m][t] = exp(Δ[m,t]·A[m]), which the backward pass
 // reads.
-template <typename acc_t>
-CM_VECTOR_CLONES void scan_chunk_recompute(int64_t M, int64_t Np, int64_t T,
+template <typename acc_t, typename States>
+CM_VECTOR_CLONES void scan_chunk_recompute(int64_t M, States Np, int64_t T,
                                            const acc_t* __restrict step,
                                            const acc_t* __restrict drive,
                                            const acc_t* __restrict w, const acc_t* __restrict A,
                                            const acc_t* __restrict B, acc_t* __restrict history,
                                            acc_t* __restrict decays) {
-  const cpu::ExpClamp clamp = cpu::ExpClamp::opaque();
+  const cpu::ExpClamp clamp = cpu::opaque(cpu::kExp2Range);
   for (int64_t t = 0; t < T; ++t) {
     const acc_t* G_prev = history + t * Np;
     acc_t* G_next = history + (t + 1) * Np;
-    recompute_modality_step<true>(Np, step[t], drive[t], w[0], A, B + t * Np, G_prev, G_next,
-                                  decays + t * Np, clamp);
+    recompute_modality_step<true>(Np, step[t] * kLog2e<acc_t>, drive[t], w[0], A, B + t * Np,
+                                  G_prev, G_next, decays + t * Np, clamp);
     for (int64_t m = 1; m < M; ++m) {
       const int64_t mt = m * K + t;
-      recompute_modality_step<false>(Np, step[mt], drive[mt], w[m], A + m * Np, B + mt * Np,
-                                     G_prev, G_next, decays + mt * Np, clamp);
+      recompute_modality_step<false>(Np, step[mt] * kLog2e<acc_t>, drive[mt], w[m],
+                                     A + m * Np, B + mt * Np, G_prev, G_next, decays + mt * Np,
+                                     clamp);
     }
   }
 }
 
-// Backward, one (m, t), given λ = dℓ/dG[t] (lam): mu = dℓ/dh = dŷ·C + w·λ per state
-// (modality_state_grad_factored: the factors that do not depend on n are applied after the
-// sums over states). Adds into dA, dB, dC and λ_prev = dℓ/dG[t - 1] (written by kFirst),
-// writes the lanes of Σ_n A·mu·a·G_prev and Σ_n mu·B to the two part_* outputs, and adds
-// the lanes of Σ_n λ·h into part_w.
+// Backward, states [n0, n0 + kLanes) of one (m, t), given λ = dℓ/dG[t] (lam): mu = dℓ/dh =
+// dŷ·C + w·λ per state (modality_state_grad_factored: the factors that do not depend on n
+// are applied after the sums over states). Adds into dA, dB, dC and λ_prev = dℓ/dG[t - 1]
+// (written by kFirst, the first modality), adds A·mu·a·G_prev and mu·B into the lanes
+// part_A_mu_decayed and part_mu_B (written by kFirstBlock, the first block), and λ·h into
+// the lanes part_w.
+template <bool kFirst, bool kFirstBlock, typename acc_t>
+CM_INLINE_INTO_CLONES void backward_state_block(
+    int64_t n0, acc_t dt, acc_t dr, acc_t dy, acc_t wm, const acc_t* __restrict A,
+    const acc_t* __restrict B, const acc_t* __restrict C, const acc_t* __restrict decay,
+    const acc_t* __restrict G_prev, const acc_t* __restrict lam, acc_t* __restrict lam_prev,
+    acc_t* __restrict dA, acc_t* __restrict dB, acc_t* __restrict dC,
+    acc_t* __restrict part_A_mu_decayed, acc_t* __restrict part_mu_B,
+    acc_t* __restrict part_w) {
+#pragma omp simd
+  for (int64_t j = 0; j < kLanes; ++j) {
+    const int64_t n = n0 + j;
+    const acc_t h = modality_state(decay[n], G_prev[n], dr, B[n]);
+    const acc_t mu = dy * C[n] + wm * lam[n];
+    const FactoredStateGrad<acc_t> g =
+        modality_state_grad_factored(mu, decay[n], G_prev[n], dr, B[n]);
+    part_A_mu_decayed[j] = (kFirstBlock ? acc_t(0) : part_A_mu_decayed[j]) + A[n] * g.mu_decayed;
+    part_mu_B[j] = (kFirstBlock ? acc_t(0) : part_mu_B[j]) + g.mu_B;
+    part_w[j] += lam[n] * h;
+    dA[n] += dt * g.mu_decayed;
+    dB[n] += g.d_B;
+    dC[n] += dy * h;
+    lam_prev[n] = kFirst ? g.d_coupled_prev : lam_prev[n] + g.d_coupled_prev;
+  }
+}
+
+// Backward, one (m, t), over the Np states (backward_state_block): the lanes of
+// Σ_n A·mu·a·G_prev and Σ_n mu·B into the two part_* outputs.
 template <bool kFirst, typename acc_t>
 CM_INLINE_INTO_CLONES void backward_modality_step(
     int64_t Np, acc_t dt, acc_t dr, acc_t dy, acc_t wm, const acc_t* __restrict A,
@@ -529,32 +592,17 @@ CM_INLINE_INTO_CLONES void backward_modality_step(
     acc_t* __restrict part_A_mu_decayed_out, acc_t* __restrict part_mu_B_out,
     acc_t* __restrict part_w) {
   // As in forward_modality_step, the lanes accumulate in the outputs themselves.
-#pragma omp simd
-  for (int64_t j = 0; j < kLanes; ++j) {
-    part_A_mu_decayed_out[j] = 0;
-    part_mu_B_out[j] = 0;
-  }
-  for (int64_t n0 = 0; n0 < Np; n0 += kLanes) {
-#pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const int64_t n = n0 + j;
-      const acc_t h = modality_state(decay[n], G_prev[n], dr, B[n]);
-      const acc_t mu = dy * C[n] + wm * lam[n];
-      const FactoredStateGrad<acc_t> g =
-          modality_state_grad_factored(mu, decay[n], G_prev[n], dr, B[n]);
-      part_A_mu_decayed_out[j] += A[n] * g.mu_decayed;
-      part_mu_B_out[j] += g.mu_B;
-      part_w[j] += lam[n] * h;
-      dA[n] += dt * g.mu_decayed;
-      dB[n] += g.d_B;
-      dC[n] += dy * h;
-      lam_prev[n] = kFirst ? g.d_coupled_prev : lam_prev[n] + g.d_coupled_prev;
-    }
-  }
+  backward_state_block<kFirst, true>(0, dt, dr, dy, wm, A, B, C, decay, G_prev, lam, lam_prev,
+                                     dA, dB, dC, part_A_mu_decayed_out, part_mu_B_out, part_w);
+  for (int64_t n0 = kLanes; n0 < Np; n0 += kLanes)
+    backward_state_block<kFirst, false>(n0, dt, dr, dy, wm, A, B, C, decay, G_prev, lam,
+                                        lam_prev, dA, dB, dC, part_A_mu_decayed_out,
+                                        part_mu_B_out, part_w);
 }
 
 // Backward. lambda holds dℓ/dG at the chunk's last step on entry and dℓ/dG just before the
-// chunk on return; spare is Np values of scratch, parts (2·M·K + M)·kLanes. The per-state
+// chunk on return; spare is Np values of scratch; parts_A_mu_decayed and parts_mu_B
+// (M·K·kLanes each) and parts_w (M·kLanes) hold the lane sums. The per-state
 // gradients go to dA [m][Np], dB and dC, the sums over states of dℓ/dw to dw [m] and of
 // dℓ/dΔ and dℓ/du to d_step, d_u.
 template <typename acc_t>
@@ -563,11 +611,9 @@ CM_VECTOR_CLONES void scan_chunk_backward(
     const acc_t* __restrict drive, const acc_t* __restrict w, const acc_t* __restrict dyhat,
     const acc_t* __restrict A, const acc_t* __restrict B, const acc_t* __restrict C,
     const acc_t* __restrict history, const acc_t* __restrict decays, acc_t* lambda, acc_t* spare,
-    acc_t* __restrict parts, acc_t* __restrict dA, acc_t* __restrict dB, acc_t* __restrict dC,
+    acc_t* __restrict parts_A_mu_decayed, acc_t* __restrict parts_mu_B,
+    acc_t* __restrict parts_w, acc_t* __restrict dA, acc_t* __restrict dB, acc_t* __restrict dC,
     acc_t* __restrict dw, acc_t* __restrict d_step, acc_t* __restrict d_u) {
-  acc_t* parts_A_mu_decayed = parts;            // [m][t][kLanes]
-  acc_t* parts_mu_B = parts + M * K * kLanes;   // [m][t][kLanes]
-  acc_t* parts_w = parts + 2 * M * K * kLanes;  // [m][kLanes], over the chunk's steps
   std::fill(parts_w, parts_w + M * kLanes, acc_t(0));
   acc_t* lam = lambda;
   acc_t* lam_prev = spare;
@@ -625,8 +671,7 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
     const cpu::FlushDenormals flush_denormals;
     TaskScratch<acc_t> in(p);
     // G[row][Np]: the coupled state of each channel (padded states stay 0).
-    std::vector<acc_t> G(kRowsPerTask * Np), spare(Np), zeros(Np, acc_t(0)), yhat(M * K), z(K),
-        parts(M * K * kLanes);
+    std::vector<acc_t> G(kRowsPerTask * Np), spare(Np), yhat(M * K), z(K), parts(M * K * kLanes);
     for (int64_t task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < n_tasks;) {
       in.start_task(p, task);
       const int64_t b = in.b, e0 = in.e0, rows = in.rows;
@@ -645,9 +690,11 @@ void coupled_scan_fwd_cpu(const ScanFwdParams& p) {
           acc_t* state = &G[r * Np];
           std::copy(state, state + N, &chunk_states[((b * s.dim + e) * s.n_chunks + c) * N]);
           in.template load_steps_of_row<input_t>(p, r, t0, T);
-          scan_chunk_forward(M, Np, T, in.step.data(), in.drive.data(), in.w.data(), in.A_row(r),
-                             in.B_tile.data(), in.C_tile.data(), state, spare.data(), zeros.data(),
-                             parts.data(), yhat.data());
+          with_state_count(Np, [&](auto states) {
+            scan_chunk_forward(M, states, T, in.step.data(), in.drive.data(), in.w.data(),
+                               in.A_row(r), in.B_tile.data(), in.C_tile.data(), state,
+                               spare.data(), parts.data(), yhat.data());
+          });
           // Pass 3: ŷ = Σ_n C·h + D·u, y = ŷ·silu(z).
           for (int64_t m = 0; m < M; ++m) {
             const int64_t out = ((m * s.batch + b) * s.dim + e) * L + t0;
@@ -742,7 +789,7 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
     TaskScratch<acc_t> in(p);
     // history[0]'s padded states stay 0 (only the first N are written from the saved states).
     std::vector<acc_t> history((K + 1) * Np, acc_t(0)), decays(M * K * Np), spare(Np),
-        parts((2 * M * K + M) * kLanes);
+        parts_A_mu_decayed(M * K * kLanes), parts_mu_B(M * K * kLanes), parts_w(M * kLanes);
     std::vector<acc_t> dyhat(M * K), d_step(M * K), d_u(M * K), z(K), y_ungated(K), dz(K);
     std::vector<acc_t> lambda(kRowsPerTask * Np), dA(kRowsPerTask * M * Np),
         dD(kRowsPerTask * M), dbias(kRowsPerTask * M), dB_tile(M * K * Np), dC_tile(M * K * Np);
@@ -792,12 +839,15 @@ void coupled_scan_bwd_cpu(const ScanBwdParams& p) {
             }
             // Pass 2: recompute the chunk from its saved start, then walk it backwards.
             for (int64_t n = 0; n < N; ++n) history[n] = ptr4<acc_t>(p.chunk_states, b, e, c, n)[0];
-            scan_chunk_recompute(M, Np, T, in.step.data(), in.drive.data(), in.w.data(),
-                                 in.A_row(r), in.B_tile.data(), history.data(), decays.data());
+            with_state_count(Np, [&](auto states) {
+              scan_chunk_recompute(M, states, T, in.step.data(), in.drive.data(), in.w.data(),
+                                   in.A_row(r), in.B_tile.data(), history.data(), decays.data());
+            });
             scan_chunk_backward(M, Np, T, in.step.data(), in.u.data(), in.drive.data(),
                                 in.w.data(), dyhat.data(), in.A_row(r), in.B_tile.data(),
                                 in.C_tile.data(), history.data(), decays.data(), &lambda[r * Np],
-                                spare.data(), parts.data(), &dA[r * M * Np], dB_tile.data(),
+                                spare.data(), parts_A_mu_decayed.data(), parts_mu_B.data(),
+                                parts_w.data(), &dA[r * M * Np], dB_tile.data(),
                                 dC_tile.data(), sums.dw.data(), d_step.data(), d_u.data());
             // Pass 3: du = Σ_n dℓ/du + dŷ·D, dδ = dℓ/dΔ · softplus'(δ + β); D and β gradients.
             for (int64_t m = 0; m < M; ++m) {

@@ -21,47 +21,82 @@ namespace cpu {
 // error of the whole function at most 1.8e-7, about 1.5 ulp). Rounding by adding
 // 1.5·2^23 + 127 leaves k + 127 in the sum's low mantissa bits, so the scale 2^k is that
 // sum's bits shifted left by 23: no float-to-int conversion. The input is clamped to
-// [clamp.lo, clamp.hi] = [-88, 89], the range where k + 127 lies in [0, 255]: at the ends
+// kExpRange = [-88, 89], the range where k + 127 lies in [0, 255]: at the ends
 // the scale's bits are those of 0 (k = -127) and of +inf (k = 128), so e^x is 0 for
 // x <= -87.7 (where it is below fp32's normal range; denormals are flushed anyway) and +inf
 // for x >= 88.4 (from 2.4e38, near fp32's largest 3.4e38). Hence exp(-inf) = 0 and
 // exp(+inf) = inf, as in the float64 reference: a decay exp(Δ·A) with Δ = +inf is 0, not a
 // small number whose product with an infinite state would stay infinite instead of NaN.
 // NaN propagates (each clamp is written so that its comparison is false for NaN and keeps x).
+//
+// exp2_vec(y) = 2^y is the same function of y = x / ln2 (bounds [-127, 128], the same k):
+// its reduced argument y - k is exact, and the polynomial takes it with ln2's powers folded
+// into the coefficients. A caller that multiplies by a factor anyway (the decays
+// exp(Δ·A) = 2^((Δ/ln2)·A), Δ/ln2 once per step) saves two of the reduction's instructions
+// per vector. Relative error: that of the polynomial, plus the rounding of Δ/ln2 times |y|.
 struct ExpClamp {
-  float lo = -88.0f, hi = 89.0f;
-
-  // The same bounds, read from memory that the compiler cannot see through. With constant
-  // bounds gcc folds exp(bound) and turns each clamp into compares and blends after the
-  // polynomial: six vector instructions instead of one max and one min, a quarter of the
-  // exponential. The hot loops (the decays exp(Δ·A), the largest item of the scan's
-  // profile) take their bounds from here, read once per call.
-  static ExpClamp opaque() {
-    static volatile float lo = ExpClamp{}.lo, hi = ExpClamp{}.hi;
-    return ExpClamp{lo, hi};
-  }
+  float lo, hi;
 };
+constexpr ExpClamp kExpRange{-88.0f, 89.0f};
+constexpr ExpClamp kExp2Range{-127.0f, 128.0f};
 
-inline float exp_vec(float x, const ExpClamp& clamp) {
-  x = clamp.lo > x ? clamp.lo : x;
-  x = clamp.hi < x ? clamp.hi : x;
-  constexpr float kShifter = 12582912.0f + 127.0f;  // 1.5·2^23 + the exponent bias
-  const float shifted = x * 1.44269504088896341f + kShifter;
-  const float k = shifted - kShifter;
-  // r = x - k·ln2, with ln2 split in two so that k·ln2's leading part is exact.
-  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
-  float p = 8.312525228e-3f;
-  p = p * r + 4.189011455e-2f;
-  p = p * r + 1.666711420e-1f;
-  p = p * r + 4.999923110e-1f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+// The same bounds, read from memory that the compiler cannot see through. With constant
+// bounds gcc folds exp(bound) and turns each clamp into compares and blends after the
+// polynomial: six vector instructions instead of one max and one min, a quarter of the
+// exponential. The hot loops (the decays exp(Δ·A), the largest item of the scan's profile)
+// take their bounds from here, read once per call.
+inline ExpClamp opaque(ExpClamp range) {
+  const volatile float lo = range.lo, hi = range.hi;
+  return ExpClamp{lo, hi};
+}
+
+constexpr double kLn2 = 0.693147180559945309;
+// 1/ln2 in the accumulation type: the factor that turns Δ into the decays' exponent base 2.
+template <typename T>
+constexpr T kLog2e = T(1.44269504088896340736);
+
+// e^r ≈ Σ_i kExpPoly[i]·r^i on |r| <= ln2/2; kExp2Poly[i] = kExpPoly[i]·ln2^i, so that
+// Σ_i kExp2Poly[i]·f^i ≈ 2^f on |f| <= 1/2.
+constexpr float kExpPoly[6] = {1.0f, 1.0f, 4.999923110e-1f, 1.666711420e-1f, 4.189011455e-2f,
+                               8.312525228e-3f};
+constexpr float kExp2Poly[6] = {
+    kExpPoly[0], float(kExpPoly[1] * kLn2), float(kExpPoly[2] * kLn2 * kLn2),
+    float(kExpPoly[3] * kLn2 * kLn2 * kLn2), float(kExpPoly[4] * kLn2 * kLn2 * kLn2 * kLn2),
+    float(kExpPoly[5] * kLn2 * kLn2 * kLn2 * kLn2 * kLn2)};
+
+// p(r)·2^k, where shifted holds k + 127 in its low mantissa bits.
+inline float scaled_poly(const float (&c)[6], float r, float shifted) {
+  float p = c[5];
+  p = p * r + c[4];
+  p = p * r + c[3];
+  p = p * r + c[2];
+  p = p * r + c[1];
+  p = p * r + c[0];
   const int32_t scale_bits = __builtin_bit_cast(int32_t, shifted) << 23;
   return p * __builtin_bit_cast(float, scale_bits);
 }
-inline float exp_vec(float x) { return exp_vec(x, ExpClamp{}); }
-inline double exp_vec(double x, const ExpClamp&) { return std::exp(x); }
+
+constexpr float kShifter = 12582912.0f + 127.0f;  // 1.5·2^23 + the exponent bias
+
+inline float exp_vec(float x) {
+  x = kExpRange.lo > x ? kExpRange.lo : x;
+  x = kExpRange.hi < x ? kExpRange.hi : x;
+  const float shifted = x * kLog2e<float> + kShifter;
+  const float k = shifted - kShifter;
+  // r = x - k·ln2, with ln2 split in two so that k·ln2's leading part is exact.
+  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+  return scaled_poly(kExpPoly, r, shifted);
+}
 inline double exp_vec(double x) { return std::exp(x); }
+
+inline float exp2_vec(float y, const ExpClamp& clamp) {
+  y = clamp.lo > y ? clamp.lo : y;
+  y = clamp.hi < y ? clamp.hi : y;
+  const float shifted = y + kShifter;
+  const float k = shifted - kShifter;
+  return scaled_poly(kExp2Poly, y - k, shifted);
+}
+inline double exp2_vec(double y, const ExpClamp&) { return std::exp2(y); }
 
 // log1p(x) for x in [0, 1]: 2·atanh(s) with s = x / (2 + x) in [0, 1/3], its odd series to
 // s^15 (truncation below 2e-9 relative). No cancellation near 0, a division that vectorises.
