@@ -55,6 +55,29 @@ def cpu_scan_epyc() -> None:
     save(fig, "2026-12-07-cpu-scan-epyc.png")
 
 
+def cpu_scan_epyc_avx512() -> None:
+    """reports/2026-12-08-cpu-scan-epyc-avx512.md: the operator's time at M3 b32 d256 L50 N64,
+    the kernels of fff6cf7 and of 5022485, three runs each."""
+    shape = (3, 32, 256, 50, 64)
+    builds = [("fff6cf7", "bench_scan_cpu_epyc_avx512_fff6cf7_run{}.json"),
+              ("5022485", "bench_scan_cpu_epyc_avx512_run{}.json")]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for ax, (mode, title) in zip(axes, (("fwd", "forward"), ("fwdbwd", "forward + backward"))):
+        for i, (build, pattern) in enumerate(builds):
+            times = []
+            for run in (1, 2, 3):
+                cases = {(c["mode"], tuple(c["shape"])): c for c in load(pattern.format(run))["cases"]}
+                times.append(cases[(mode, shape)]["op_s"] * 1e3)
+            ax.scatter([i] * 3, times, s=50, label=build)
+        ax.set_xticks([0, 1], [build for build, _ in builds])
+        ax.set_xlim(-0.6, 1.6)
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("operator time, ms")
+        ax.set_title(title)
+    fig.suptitle("CPU scan, 2-core AMD EPYC (AVX-512), M3 b32 d256 L50 N64, fp32, 2 threads")
+    save(fig, "2026-12-08-cpu-scan-epyc-avx512.png")
+
+
 # reports/2026-11-27-cpu-scan-xeon.md, speed-ups at M3 b32 d256 L50 N64 per kernel version.
 XEON_L50 = {
     "ec84c65\n(5 runs)": {"forward": [12.7, 10.6, 9.0, 9.0, 10.2],
@@ -162,6 +185,7 @@ def loader_memory() -> None:
 
 if __name__ == "__main__":
     cpu_scan_epyc()
+    cpu_scan_epyc_avx512()
     cpu_scan_xeon()
     gpu_state_lanes()
     gpu_first_kernels()
