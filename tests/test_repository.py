@@ -19,7 +19,7 @@ OUTSIDE_REFERENCE = re.compile(r"(?<![\w])" + "SP" + r"EC(?![\w])|\.\./" + "sha"
 TEXT_SUFFIXES = (".py", ".md", ".txt", ".toml", ".cfg", ".cpp", ".h", ".cu", ".cuh", ".sh",
                  ".json", ".yml", ".yaml", ".cmake", ".in")
 TEXT_NAMES = ("Makefile", "CMakeLists.txt", "LICENSE", ".gitignore")
-ISO_DATE = re.compile(r"\b20\d\d-\d\d-\d\d(?![-\w])")  # a report's file name is not a date
+ISO_DATE = re.compile(r"\b20\d\d-\d\d-\d\d\b")  # a dated report name too: link the index
 
 
 def _in_checkout() -> bool:
