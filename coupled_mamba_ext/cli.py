@@ -58,7 +58,7 @@ def _parsers() -> Dict[str, argparse.ArgumentParser]:
     train.add_argument("--task", choices=TASKS, default="regression",
                        help="L1 loss on the sentiment score, or cross-entropy on the classes")
     train.add_argument("--fusion", choices=FUSIONS, default="coupled",
-                       help="how the modalities are fused (docs/model.md)")
+                       help="how the modalities are fused (docs/api.md, Models)")
     train.add_argument("--epochs", type=int, help="training epochs; default 150 (paper), 15 for "
                        "synthetic")
     train.add_argument("--batch-size", type=int, help="global batch; default per dataset: "
